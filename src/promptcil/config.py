@@ -1,0 +1,211 @@
+"""Typed schema of params.yaml.
+
+params.yaml is the single source of configuration for DVC, Prefect and the CLI.
+Every section forbids unknown keys, so a typo fails loudly instead of being
+ignored; `load_params` turns pydantic's report into one line that names the key
+path, e.g. ``params.yaml: train.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, reported as one line naming the key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    source: Literal["digits", "fashion_mnist", "cifar100", "imagefolder"] = Field(
+        "digits", description="Where images come from; `digits` is bundled with scikit-learn (offline default)."
+    )
+    root: Path | None = Field(
+        None,
+        description="Data folder: torchvision root for fashion_mnist/cifar100, or an ImageFolder tree "
+        "with train/ and test/ subfolders (one folder per class) for imagefolder.",
+    )
+    download: bool = Field(False, description="Let torchvision download fashion_mnist/cifar100 when online.")
+    image_size: int | None = Field(
+        None, gt=0, description="imagefolder only: images are resized to this square size on load "
+        "(defaults to backbone.img_size)."
+    )
+    test_fraction: float = Field(
+        0.25, gt=0, lt=1, description="digits only: stratified held-out fraction (digits has no official split)."
+    )
+    split_seed: int = Field(0, description="digits only: seed of the train/test split.")
+    base_classes: int = Field(4, gt=0, description="Classes in task 0 (the 'B' of B-N protocols).")
+    classes_per_task: int = Field(2, gt=0, description="Classes in each incremental task after task 0.")
+    class_order_seed: int = Field(1993, description="Seed of the class-order permutation.")
+    class_order: list[int] | None = Field(
+        None, description="Explicit class order (original class ids); overrides class_order_seed."
+    )
+
+    @field_validator("class_order")
+    @classmethod
+    def _order_unique(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("class ids must be unique (a class cannot appear in two tasks)")
+        return v
+
+
+class PretrainConfig(Section):
+    epochs: int = Field(30, gt=0, description="Supervised epochs on the base classes.")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.05, ge=0)
+    batch_size: int = Field(64, gt=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+
+class BackboneConfig(Section):
+    name: str = Field("vit_tiny_patch16_224", description="Any timm ViT model name.")
+    source: Literal["hub", "file", "pretrain", "random"] = Field(
+        "pretrain",
+        description="hub: timm pretrained weights (online); file: local safetensors/torch weights; "
+        "pretrain: trained by the pipeline on the base classes, then frozen; random: tests only.",
+    )
+    file: Path | None = Field(None, description="Weights file for source=file (or a local file for source=hub).")
+    img_size: int = Field(32, gt=0, description="Input resolution the ViT runs at.")
+    patch_size: int = Field(4, gt=0, description="Patch size; img_size must be divisible by it.")
+    embed_dim: int | None = Field(None, gt=0, description="Override the model's width (null: timm default).")
+    depth: int | None = Field(None, gt=0, description="Override the number of blocks (null: timm default).")
+    num_heads: int | None = Field(None, gt=0, description="Override the number of heads (null: timm default).")
+    pretrain: PretrainConfig = PretrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "BackboneConfig":
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not divisible by patch_size {self.patch_size}")
+        if self.source == "file" and self.file is None:
+            raise ValueError("source 'file' needs backbone.file")
+        if self.embed_dim and self.num_heads and self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class AptConfig(Section):
+    blocks: list[int] | Literal["all"] = Field(
+        "all", description="Blocks whose attention gets the additive CLS key/value prompt."
+    )
+    merge_momentum: float = Field(
+        0.7, ge=0, le=1,
+        description="c in merged = c*merged + (1-c)*current after each task (paper: 0.7 CIFAR/CUB/Cars, 0.8 ImageNet-R).",
+    )
+    init_std: float = Field(0.02, gt=0, description="Std of the truncated-normal initial prompt.")
+
+
+class VptConfig(Section):
+    length: int = Field(10, gt=0, description="Prompt tokens per prompted layer (N).")
+    deep: bool = Field(True, description="Deep: new tokens at every block; shallow: only at the input.")
+    init_std: float = Field(0.02, gt=0)
+
+
+class L2PConfig(Section):
+    pool_size: int = Field(10, gt=0, description="Prompts in the pool.")
+    length: int = Field(5, gt=0, description="Tokens per prompt.")
+    top_k: int = Field(5, gt=0, description="Prompts chosen per image by key matching.")
+    key_loss_weight: float = Field(0.1, ge=0, description="Weight of the query-key matching loss.")
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "L2PConfig":
+        if self.top_k > self.pool_size:
+            raise ValueError(f"top_k {self.top_k} exceeds pool_size {self.pool_size}")
+        return self
+
+
+class MethodConfig(Section):
+    name: Literal["apt", "vpt", "l2p", "none"] = Field(
+        "apt", description="Prompt method; `none` is SimpleCIL (frozen features only)."
+    )
+    apt: AptConfig = AptConfig()
+    vpt: VptConfig = VptConfig()
+    l2p: L2PConfig = L2PConfig()
+
+
+class HeadConfig(Section):
+    name: Literal["linear", "prototype"] = Field(
+        "linear",
+        description="linear: grows per task, L2-normalised rows, old logits masked while a task trains; "
+        "prototype: cosine to class means (nothing trained).",
+    )
+
+
+class TrainConfig(Section):
+    epochs: int = Field(5, gt=0)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(1e-2, gt=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum / Adam beta1.")
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N.")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda") and not v.startswith("cuda:"):
+            raise ValueError(f"'{v}' is not one of auto, cpu, cuda, cuda:N")
+        return v
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(256, gt=0)
+
+
+class Params(Section):
+    data: DataConfig = DataConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    method: MethodConfig = MethodConfig()
+    head: HeadConfig = HeadConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Params":
+        if self.method.name != "none" and self.head.name == "prototype":
+            raise ValueError(
+                f"head.name: 'prototype' has nothing to train prompts through; use 'linear' with method "
+                f"'{self.method.name}', or method 'none' (SimpleCIL)"
+            )
+        return self
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see README's params reference)"
+    where = f"{source}: {loc}: " if loc else f"{source}: "
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{where}{msg}{more}"
+
+
+def parse_params(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise ConfigError with a one-line message."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return parse_params(raw, str(path))

@@ -1,0 +1,18 @@
+"""Data for class-incremental runs: registered sources, the task split, loaders and device preprocessing."""
+
+from promptcil.data.loader import DevicePreprocess, make_loader
+from promptcil.data.sources import SOURCES, DataError, ImageSet, load_split, register_source
+from promptcil.data.tasks import TaskSplit, make_task_split, subset
+
+__all__ = [
+    "SOURCES",
+    "DataError",
+    "DevicePreprocess",
+    "ImageSet",
+    "TaskSplit",
+    "load_split",
+    "make_loader",
+    "make_task_split",
+    "register_source",
+    "subset",
+]

@@ -1,0 +1,106 @@
+"""Batches of uint8 images from memory, and the preprocessing that runs on the device.
+
+The host only slices uint8 tensors (a quarter of float32's bytes to copy); the
+conversion, resize and normalisation run where the model runs, in one place, so
+training, feature extraction and evaluation preprocess identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+
+from promptcil.data.sources import ImageSet
+
+
+def make_loader(
+    imageset: ImageSet, batch_size: int, shuffle: bool, seed: int, pin_memory: bool = False
+) -> DataLoader:
+    """Yield `(uint8 images, int64 labels)` batches.
+
+    Whole batches are gathered with one index operation (the sampler yields index
+    lists), not sample by sample. The shuffle order comes only from a generator
+    seeded with `seed`: the n-th pass over a loader is a pure function of
+    (`seed`, n), so a trainer that derives `seed` from (run seed, task, epoch)
+    resumes bit-identically at an epoch boundary. Data is in memory, so no workers.
+    """
+    dataset = TensorDataset(imageset.images, imageset.labels)
+    order = (
+        RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+        if shuffle
+        else SequentialSampler(dataset)
+    )
+    return DataLoader(
+        dataset,
+        sampler=BatchSampler(order, batch_size=batch_size, drop_last=False),
+        batch_size=None,
+        num_workers=0,
+        pin_memory=pin_memory,
+    )
+
+
+class DevicePreprocess(nn.Module):
+    """uint8 batch -> normalised float batch at the model's input size, on the batch's device.
+
+    Greyscale becomes 3 channels by repetition when the model expects RGB; images
+    are resized (bilinear, antialiased only when shrinking) only when their size
+    differs from the model's; mean/std are the model's own (timm `pretrained_cfg`).
+
+    Args:
+        img_size: model input size, an int for square inputs or (height, width).
+        mean: per-channel mean in 0..1 (one value, or one per model channel).
+        std: per-channel std in 0..1, same length as `mean`.
+        in_chans: channels the model expects (1 or 3).
+    """
+
+    def __init__(
+        self, img_size: int | tuple[int, int], mean: Sequence[float], std: Sequence[float], in_chans: int = 3
+    ) -> None:
+        super().__init__()
+        if in_chans not in (1, 3):
+            raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+        if len(mean) != len(std) or len(mean) not in (1, in_chans):
+            raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need 1 or {in_chans} values each")
+        self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.in_chans = in_chans
+        # Not persistent: they are derived from the model config, not learned state.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> DevicePreprocess:
+        """Match a timm ViT: its pretrained_cfg mean/std and the size/channels its patch embedding was built for.
+
+        The model's `img_size` is read from `patch_embed`, not from pretrained_cfg,
+        which keeps the hub resolution (224) when a model is created at another size.
+        A single-channel model keeps the average of an RGB mean/std.
+        """
+        from timm.data import resolve_model_data_config
+
+        data_cfg = resolve_model_data_config(model)
+        in_chans = model.patch_embed.proj.in_channels
+        mean, std = list(data_cfg["mean"]), list(data_cfg["std"])
+        if in_chans == 1 and len(mean) == 3:
+            mean, std = [sum(mean) / 3], [sum(std) / 3]
+        return cls(tuple(model.patch_embed.img_size), mean, std, in_chans)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"expected (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
+        channels = images.shape[1]
+        if channels != self.in_chans and not (channels == 1 and self.in_chans == 3):
+            raise ValueError(f"{channels}-channel images cannot feed a {self.in_chans}-channel model")
+        x = images.float().div_(255.0)
+        height, width = x.shape[-2:]
+        if (height, width) != self.img_size:
+            shrinking = height > self.img_size[0] or width > self.img_size[1]
+            x = F.interpolate(x, size=self.img_size, mode="bilinear", align_corners=False, antialias=shrinking)
+        if channels != self.in_chans:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        mean = self.mean.to(x.device, non_blocking=True)
+        std = self.std.to(x.device, non_blocking=True)
+        return (x - mean) / std

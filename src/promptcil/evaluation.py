@@ -1,0 +1,53 @@
+"""Accuracy of every task's state on every seen task: the CIL accuracy matrix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from promptcil.data import ImageSet, TaskSplit, make_loader, subset
+from promptcil.model import IncrementalModel
+from promptcil.train import load_task_state
+
+
+@torch.no_grad()
+def predict(model: IncrementalModel, data: ImageSet, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Predicted incremental labels for every image (CPU tensor), in data order."""
+    model.eval().to(device)
+    loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    preds = []
+    for images, _ in loader:
+        with autocast:
+            preds.append(model.predict(images.to(device, non_blocking=True)))
+    return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
+
+
+def accuracy_matrix(
+    model: IncrementalModel,
+    task_states: list[Path],
+    test_set: ImageSet,
+    split: TaskSplit,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[list[list[float | None]], list[int]]:
+    """a[i][j]: accuracy on task j's test classes after task i, predicting over ALL classes seen by i.
+
+    Returns the matrix (None above the diagonal) and the test-sample count per task.
+    """
+    counts = [len(subset(test_set, list(split.task_classes(j)))) for j in range(len(task_states))]
+    matrix: list[list[float | None]] = []
+    for i, path in enumerate(task_states):
+        load_task_state(model, path)
+        seen = subset(test_set, list(split.seen_classes(i)))
+        correct = predict(model, seen, batch_size, device) == seen.labels
+        row: list[float | None] = []
+        for j in range(len(task_states)):
+            if j > i:
+                row.append(None)
+                continue
+            in_task = torch.isin(seen.labels, torch.tensor(list(split.task_classes(j))))
+            row.append(correct[in_task].float().mean().item())
+        matrix.append(row)
+    return matrix, counts

@@ -1,0 +1,98 @@
+"""Class-incremental metrics and cost measures.
+
+Definitions follow the CIL literature (see DESIGN.md, "Metrics"), so numbers are
+comparable with the papers: accuracy after a task is over all classes seen so far,
+weighted by test samples; forgetting compares each old task's best accuracy before
+the last task with its accuracy after it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Top-1 accuracy of predicted labels (not logits: argmax first) against target labels."""
+    if pred.shape != target.shape:
+        raise ValueError(
+            f"pred has shape {tuple(pred.shape)} but target has {tuple(target.shape)}; "
+            "pass predicted labels (logits.argmax(-1)), one per target"
+        )
+    if target.numel() == 0:
+        raise ValueError("accuracy of an empty batch is undefined; pass at least one sample")
+    return (pred == target).float().mean().item()
+
+
+def _validate(acc_matrix: list[list[float | None]], test_counts: list[int]) -> None:
+    """Reject matrices that would silently give wrong numbers (ragged, upper entries, percentages)."""
+    num_tasks = len(acc_matrix)
+    if num_tasks == 0:
+        raise ValueError("acc_matrix is empty; evaluate after at least one task")
+    if len(test_counts) != num_tasks:
+        raise ValueError(f"test_counts has {len(test_counts)} entries but acc_matrix has {num_tasks} tasks")
+    for j, count in enumerate(test_counts):
+        if count <= 0:
+            raise ValueError(f"test_counts[{j}] = {count}; every task needs at least one test sample")
+    for i, row in enumerate(acc_matrix):
+        if len(row) != num_tasks:
+            raise ValueError(f"acc_matrix row {i} has {len(row)} entries; expected {num_tasks} (None for j > i)")
+        for j, value in enumerate(row):
+            if j > i and value is not None:
+                raise ValueError(
+                    f"acc_matrix[{i}][{j}] = {value} but task {j} is not trained after task {i}; "
+                    "the matrix must be lower-triangular with None above the diagonal"
+                )
+            if j <= i and (value is None or not 0.0 <= value <= 1.0):
+                raise ValueError(f"acc_matrix[{i}][{j}] = {value}; expected an accuracy in [0, 1]")
+
+
+def summarize(acc_matrix: list[list[float | None]], test_counts: list[int]) -> dict:
+    """A_last, A_avg and forgetting from the accuracy matrix a[i][j] (task j evaluated after training task i).
+
+    Accuracy after task i is weighted by test samples per task, so it equals top-1
+    accuracy on the pooled test set of all classes seen, as the papers report it.
+    Forgetting is None for a single task, where it is undefined.
+    """
+    _validate(acc_matrix, test_counts)
+    num_tasks = len(acc_matrix)
+    after_task = [
+        sum(test_counts[j] * acc_matrix[i][j] for j in range(i + 1)) / sum(test_counts[: i + 1])
+        for i in range(num_tasks)
+    ]
+    last = num_tasks - 1
+    forgetting = None
+    if num_tasks > 1:
+        drops = [
+            max(acc_matrix[i][j] for i in range(j, last)) - acc_matrix[last][j] for j in range(last)
+        ]
+        forgetting = sum(drops) / len(drops)
+    return {
+        "accuracy_matrix": [list(row) for row in acc_matrix],
+        "accuracy_after_task": after_task,
+        "A_last": after_task[last],
+        "A_avg": sum(after_task) / num_tasks,
+        "forgetting": forgetting,
+    }
+
+
+def gflops_per_image(fn: Callable[[torch.Tensor], Any], example: torch.Tensor) -> float:
+    """Forward GFLOPs per image of `fn` on a batch, counted by PyTorch's FLOP counter.
+
+    Counting operators rather than timing them makes the cost claim (APT against a
+    query-forward prompt pool) independent of the machine.
+    """
+    if example.ndim == 0 or example.shape[0] == 0:
+        raise ValueError("example must be a non-empty batch with the batch dimension first")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn(example)
+    return counter.get_total_flops() / example.shape[0] / 1e9
+
+
+def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
+    """Number of parameters, by default only those that train (the prompt cost on a frozen backbone)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,71 @@
+"""The incremental classifier: frozen backbone + prompt method + head.
+
+uint8 images go in (normalised on whatever device the model is on), logits over
+all classes seen so far come out. Its trainable state (prompt + head) is all
+that a task changes, so it is what checkpoints and registry versions hold; the
+backbone is referenced by its weights' fingerprint, never copied.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from promptcil.config import Params
+from promptcil.data import DevicePreprocess
+from promptcil.heads import Head, create_head
+from promptcil.prompts import PromptMethod, create_method
+
+
+class IncrementalModel(nn.Module):
+    def __init__(self, backbone: VisionTransformer, method: PromptMethod, head: Head) -> None:
+        super().__init__()
+        self.__dict__["backbone"] = backbone  # frozen and shared; not in this module's state
+        self.preprocess = DevicePreprocess.from_model(backbone)
+        self.method = method
+        self.head = head
+        method.attach()
+
+    @classmethod
+    def from_params(cls, params: Params, backbone: VisionTransformer) -> "IncrementalModel":
+        return cls(backbone, create_method(params.method, backbone), create_head(params.head.name, backbone.embed_dim))
+
+    def to(self, *args, **kwargs) -> "IncrementalModel":  # type: ignore[override]
+        self.backbone.to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "IncrementalModel":  # type: ignore[override]
+        """Only the prompt and head switch modes: the backbone stays in eval (no dropout, fixed function)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.method(self.preprocess(images_uint8))
+
+    def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images_uint8))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        params = list(self.method.parameters())
+        if self.head.trainable:
+            params += list(self.head.parameters())
+        return [p for p in params if p.requires_grad]
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Prompt + head tensors (parameters and buffers) under 'method.' / 'head.' prefixes."""
+        state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
+        state |= {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        return {k: v.detach().clone() for k, v in state.items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        method_state = {k.removeprefix("method."): v for k, v in state.items() if k.startswith("method.")}
+        head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+        self.method.load_state_dict(method_state)
+        self.head.load_grown_state(head_state)
+
+    @torch.no_grad()
+    def predict(self, images_uint8: torch.Tensor) -> torch.Tensor:
+        """Incremental labels (argmax over all seen classes)."""
+        return self.forward(images_uint8).argmax(dim=1)

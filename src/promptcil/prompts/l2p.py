@@ -1,0 +1,62 @@
+"""L2P-style prompt pool (Wang et al. 2022): the cost baseline APT is measured against.
+
+A pool of prompts, each with a learnable key. A query is computed by a full
+un-prompted forward pass of the frozen backbone (CLS features); the top-k
+prompts whose keys are closest (cosine) to the query are prepended after the
+CLS token at the input. The matching loss pulls the chosen keys towards their
+queries. The extra query pass is why its inference costs about twice the plain
+forward. Simplification: the classifier reads the CLS token (L2P averages the
+prompt tokens' outputs); this baseline need not reach the paper's accuracy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from promptcil.config import MethodConfig
+from promptcil.prompts.base import PromptMethod, register_method, trunc_normal_parameter
+
+
+@register_method("l2p")
+class PromptPool(PromptMethod):
+    def __init__(
+        self,
+        backbone: VisionTransformer,
+        pool_size: int = 10,
+        length: int = 5,
+        top_k: int = 5,
+        key_loss_weight: float = 0.1,
+        init_std: float = 0.02,
+    ) -> None:
+        super().__init__(backbone)
+        if top_k > pool_size:
+            raise ValueError(f"method.l2p.top_k: {top_k} exceeds pool_size {pool_size}")
+        self.top_k = top_k
+        self.key_loss_weight = key_loss_weight
+        self.prompt_pool = trunc_normal_parameter(pool_size, length, self.embed_dim, std=init_std)
+        self.prompt_keys = uniform_keys(pool_size, self.embed_dim)
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "PromptPool":
+        c = cfg.l2p
+        return cls(backbone, c.pool_size, c.length, c.top_k, c.key_loss_weight, c.init_std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            query = self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+        similarity = F.normalize(query.float(), dim=-1) @ F.normalize(self.prompt_keys, dim=-1).T  # (B, pool)
+        chosen_sim, chosen = similarity.topk(self.top_k, dim=-1)
+        # L2P's surrogate loss: maximise the query-key similarity of the chosen prompts
+        self.aux_loss = self.key_loss_weight * (1 - chosen_sim).sum(dim=1).mean()
+        tokens = self.embed(images)
+        prompts = self.prompt_pool[chosen].flatten(1, 2).to(tokens.dtype)  # (B, k*length, D)
+        tokens = torch.cat([tokens[:, :1], prompts, tokens[:, 1:]], dim=1)
+        tokens = self.backbone.norm(self.backbone.blocks(tokens))
+        return self.backbone.forward_head(tokens, pre_logits=True)
+
+
+def uniform_keys(pool_size: int, dim: int) -> torch.nn.Parameter:
+    """Keys uniform in [-1, 1] as in L2P's reference implementation."""
+    return torch.nn.Parameter(torch.empty(pool_size, dim).uniform_(-1, 1))

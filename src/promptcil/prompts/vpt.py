@@ -1,0 +1,46 @@
+"""VPT: Visual Prompt Tuning (Jia et al. 2022), shallow and deep.
+
+N learnable tokens are inserted right after the CLS token. Shallow: once, at
+the input of block 0. Deep: every block gets its own N tokens, replacing the
+previous block's outputs at those positions. In the incremental loop the
+prompt is shared by all tasks and keeps training.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from promptcil.config import MethodConfig
+from promptcil.prompts.base import PromptMethod, register_method, trunc_normal_parameter
+
+
+@register_method("vpt")
+class VisualPromptTokens(PromptMethod):
+    def __init__(self, backbone: VisionTransformer, length: int = 10, deep: bool = True, init_std: float = 0.02) -> None:
+        """
+        Args:
+            length: prompt tokens per prompted block (N).
+            deep: a new set of tokens at every block (True) or only at the input (False).
+        """
+        super().__init__(backbone)
+        if length <= 0:
+            raise ValueError(f"method.vpt.length: must be positive, got {length}")
+        self.length = length
+        self.deep = deep
+        layers = self.depth if deep else 1
+        # (prompted block, N, D)
+        self.prompt_tokens = trunc_normal_parameter(layers, length, self.embed_dim, std=init_std)
+
+    @classmethod
+    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "VisualPromptTokens":
+        return cls(backbone, cfg.vpt.length, cfg.vpt.deep, cfg.vpt.init_std)
+
+    def before_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
+        if index > 0 and not self.deep:
+            return tokens
+        prompt = self.prompt_tokens[index].to(tokens.dtype).expand(tokens.shape[0], -1, -1)
+        cls_token = tokens[:, :1]
+        # block 0 receives [CLS, patches]; later blocks [CLS, previous prompts, patches]
+        rest = tokens[:, 1:] if index == 0 else tokens[:, 1 + self.length :]
+        return torch.cat([cls_token, prompt, rest], dim=1)

@@ -1,0 +1,307 @@
+"""Incremental trainer: task by task, on that task's data only (rehearsal-free).
+
+Per task: the head grows by the task's classes, a fresh optimizer trains the
+prompt and head for `train.epochs` with earlier classes' logits masked, the
+method closes the task (APT merges its prompt), and the task's state is written
+as `task_XX.safetensors`. A checkpoint is committed after every epoch; `resume`
+continues from the newest complete one and ends bit-identical to an
+uninterrupted run, because every random choice (shuffle order, new head rows)
+is a pure function of (seed, task, epoch) and the learning rate of an epoch is
+computed, not carried in a scheduler object.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from promptcil.artifacts import ArtifactError, load_tensors, save_tensors
+from promptcil.config import TrainConfig
+from promptcil.data import ImageSet, TaskSplit, make_loader, subset
+from promptcil.model import IncrementalModel
+
+CHECKPOINT_KIND = "checkpoint"
+TASK_STATE_KIND = "task_state"
+_CHECKPOINT_NAME = re.compile(r"ckpt-t(\d+)-e(\d+)\.safetensors$")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def task_state_path(out_dir: Path, task: int) -> Path:
+    return out_dir / f"task_{task:02d}.safetensors"
+
+
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    if cfg.schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def shuffle_seed(seed: int, task: int, epoch: int) -> int:
+    return seed * 1_000_003 + task * 1_009 + epoch
+
+
+@dataclass
+class TaskLog:
+    task: int
+    classes: list[int]
+    samples: int
+    epoch_losses: list[float] = field(default_factory=list)
+
+
+class IncrementalTrainer:
+    def __init__(
+        self,
+        model: IncrementalModel,
+        split: TaskSplit,
+        cfg: TrainConfig,
+        out_dir: Path,
+        device: torch.device | None = None,
+        progress: bool = True,
+        on_epoch_end: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """
+        Args:
+            out_dir: where task states (`task_XX.safetensors`) and `checkpoints/` go.
+            on_epoch_end: called with (task, epoch) after each committed checkpoint.
+        """
+        self.model = model
+        self.split = split
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.device = device or resolve_device(cfg.device)
+        self.progress = progress
+        self.on_epoch_end = on_epoch_end
+        self.model.to(self.device)
+        self._autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        )
+
+    # ---- data --------------------------------------------------------------
+    def task_data(self, train_set: ImageSet, task: int) -> ImageSet:
+        """The ONLY training data task `task` sees: its own classes' samples."""
+        return subset(train_set, list(self.split.task_classes(task)))
+
+    def task_loader(self, data: ImageSet, task: int, epoch: int) -> torch.utils.data.DataLoader:
+        return make_loader(
+            data,
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=shuffle_seed(self.cfg.seed, task, epoch),
+            pin_memory=self.device.type == "cuda",
+        )
+
+    # ---- main loop ---------------------------------------------------------
+    def run(self, train_set: ImageSet, tasks: list[int] | None = None, resume: bool = True) -> list[TaskLog]:
+        """Train `tasks` (default: all) in order; train_set carries incremental labels."""
+        tasks = list(range(self.split.num_tasks)) if tasks is None else tasks
+        point = self._load_latest_checkpoint() if resume else None
+        logs: list[TaskLog] = []
+        with self._progress_bar() as bar:
+            for task in tasks:
+                if point is not None and task < point.task:
+                    continue
+                here = point if point is not None and point.task == task and point.epoch > 0 else None
+                logs.append(self._train_task(train_set, task, bar, here))
+        return logs
+
+    def _train_task(self, train_set: ImageSet, task: int, bar: Progress, point: "_ResumePoint | None") -> TaskLog:
+        data = self.task_data(train_set, task)
+        classes = list(self.split.task_classes(task))
+        log = TaskLog(task=task, classes=classes, samples=len(data))
+        start_epoch = 0
+        if point is None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(shuffle_seed(self.cfg.seed, task, -1))
+                self.model.head.add_classes(len(classes))
+            self.model.to(self.device)
+        else:
+            start_epoch, log.epoch_losses = point.epoch, list(point.epoch_losses)
+        params = self.model.trainable_parameters()
+        if not params:  # e.g. SimpleCIL: nothing to optimise, the head only observes
+            self._finish_task(data, task, log, None)
+            return log
+        optimizer = self._make_optimizer(params)
+        if point is not None and point.optimizer_state is not None:
+            optimizer.load_state_dict(point.optimizer_state)
+        batches = math.ceil(len(data) / self.cfg.batch_size)
+        epochs = self.cfg.epochs
+        bar_id = bar.add_task(f"task {task}", total=epochs * batches, completed=start_epoch * batches)
+        for epoch in range(start_epoch, epochs):
+            log.epoch_losses.append(self._train_epoch(data, task, epoch, classes[0], optimizer, bar, bar_id))
+            if epoch + 1 == epochs:
+                self._finish_task(data, task, log, optimizer)
+            else:
+                self._save_checkpoint(task, epoch + 1, False, optimizer, log.epoch_losses)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(task, epoch)
+        bar.remove_task(bar_id)
+        return log
+
+    def _finish_task(self, data: ImageSet, task: int, log: TaskLog, optimizer: torch.optim.Optimizer | None) -> None:
+        """Close the task, then commit its state BEFORE the checkpoint that marks it done."""
+        self._close_task(data)
+        self._save_task_state(task, log)
+        self._save_checkpoint(task, self.cfg.epochs if optimizer else 0, True, None, log.epoch_losses)
+
+    def _train_epoch(self, data, task, epoch, first_class, optimizer, bar, bar_id) -> float:
+        self.model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(self.cfg, epoch)
+        total = torch.zeros((), device=self.device)
+        count = 0
+        for images, labels in self.task_loader(data, task, epoch):
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self._autocast:
+                logits = self.model(images).float()
+                if first_class > 0 and self.model.head.trainable:
+                    # earlier tasks' classes take no part in this task's softmax
+                    logits = logits.masked_fill(
+                        torch.arange(logits.shape[1], device=self.device) < first_class, float("-inf")
+                    )
+                loss = F.cross_entropy(logits, labels)
+                if self.model.method.aux_loss is not None:
+                    loss = loss + self.model.method.aux_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(labels)
+            count += len(labels)
+            bar.advance(bar_id)
+        return float(total) / max(count, 1)  # one host sync per epoch
+
+    @torch.no_grad()
+    def _close_task(self, data: ImageSet) -> None:
+        self.model.method.end_task()
+        self.model.eval()
+        if self.model.head.trainable:
+            return
+        loader = make_loader(data, 256, shuffle=False, seed=0, pin_memory=self.device.type == "cuda")
+        for images, labels in loader:
+            with self._autocast:
+                features = self.model.features(images.to(self.device, non_blocking=True))
+            self.model.head.observe(features.float(), labels.to(self.device))
+        self.model.head.finish_task()
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        cfg = self.cfg
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+    def _progress_bar(self) -> Progress:
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not self.progress,
+            transient=True,
+        )
+
+    # ---- persistence -------------------------------------------------------
+    def _save_task_state(self, task: int, log: TaskLog) -> None:
+        save_tensors(
+            task_state_path(self.out_dir, task),
+            self.model.trainable_state(),
+            kind=TASK_STATE_KIND,
+            metadata={
+                "task": task,
+                "classes_seen": self.model.head.num_classes,
+                "method": self.model.method.method_name,
+                "head": self.model.head.head_name,
+                "train_samples": log.samples,
+                "epoch_losses": log.epoch_losses,
+            },
+        )
+
+    def _save_checkpoint(
+        self, task: int, epoch: int, task_done: bool, optimizer: torch.optim.Optimizer | None, losses: list[float]
+    ) -> None:
+        tensors = {f"model.{k}": v for k, v in self.model.trainable_state().items()}
+        meta: dict[str, Any] = {"task": task, "epoch": epoch, "task_done": task_done, "epoch_losses": losses}
+        if optimizer is not None and not task_done:
+            opt_tensors, meta["optimizer"] = _split_optimizer_state(optimizer.state_dict())
+            tensors |= opt_tensors
+        ckpt_dir = self.out_dir / "checkpoints"
+        path = ckpt_dir / f"ckpt-t{task:03d}-e{epoch:03d}.safetensors"
+        save_tensors(path, tensors, kind=CHECKPOINT_KIND, metadata=meta)
+        for old in ckpt_dir.glob("ckpt-*"):  # keep only the newest committed checkpoint
+            if old.stem != path.stem:
+                old.unlink(missing_ok=True)
+
+    def _load_latest_checkpoint(self) -> "_ResumePoint | None":
+        """Apply the newest committed checkpoint to the model and say where to continue."""
+        candidates = sorted(
+            (int(m[1]), int(m[2]), p)
+            for p in (self.out_dir / "checkpoints").glob("ckpt-*.safetensors")
+            if (m := _CHECKPOINT_NAME.search(p.name))
+        )
+        for task, _epoch, path in reversed(candidates):
+            try:
+                tensors, manifest = load_tensors(path, kind=CHECKPOINT_KIND)
+            except ArtifactError:
+                continue  # an interrupted write: no manifest was committed for it
+            meta = manifest["metadata"]
+            model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+            self.model.load_trainable_state(model_state)
+            self.model.to(self.device)
+            if meta["task_done"]:
+                return _ResumePoint(task + 1, 0, None, [])
+            optimizer_state = _join_optimizer_state(tensors, meta["optimizer"])
+            return _ResumePoint(task, meta["epoch"], optimizer_state, meta["epoch_losses"])
+        return None
+
+
+@dataclass
+class _ResumePoint:
+    task: int
+    epoch: int  # epochs of `task` already done
+    optimizer_state: dict[str, Any] | None
+    epoch_losses: list[float]
+
+
+def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as safetensors tensors + JSON (no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{key}"] = value
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, index, key = name.split(".", 2)
+            state.setdefault(int(index), {})[key] = value
+    for name, value in meta["scalars"].items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def load_task_state(model: IncrementalModel, path: Path) -> dict[str, Any]:
+    """Load a task's trained prompt + head into `model`; returns the manifest metadata."""
+    tensors, manifest = load_tensors(path, kind=TASK_STATE_KIND)
+    model.load_trainable_state(tensors)
+    return manifest["metadata"]
