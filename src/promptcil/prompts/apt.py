@@ -61,13 +61,13 @@ class AdditivePrompt(PromptMethod):
             return self.additive_cls_prompt
         return self.merged_prompt
 
-    def attach(self) -> None:
-        self.detach()
+    def _install_hooks(self) -> None:
+        self._remove_hooks()
         for slot, index in enumerate(self.blocks):
             qkv = self.backbone.blocks[index].attn.qkv
             self._handles.append(qkv.register_forward_hook(self._make_hook(slot)))
 
-    def detach(self) -> None:
+    def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -11,6 +11,7 @@ is trained, checkpointed and versioned.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, ClassVar
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.config import MethodConfig
+
+_OWNER = "_promptcil_prompt_method"  # backbone attribute: weak reference to the attached method
 
 METHODS: dict[str, Callable[[MethodConfig, VisionTransformer], "PromptMethod"]] = {}
 
@@ -58,10 +61,42 @@ class PromptMethod(nn.Module):
         return len(self.backbone.blocks)
 
     def attach(self) -> None:
-        """Install whatever the method needs inside the backbone (hooks). Default: nothing."""
+        """Claim the backbone: install this method's hooks, removing those of any other method.
+
+        Several models may share one frozen backbone (evaluation, retraining), but a
+        backbone carries one method's hooks at a time; a model whose method lost the
+        backbone refuses to run instead of silently mixing two prompts.
+        """
+        owner = self.backbone.__dict__.get(_OWNER)
+        if owner is not None and owner() is not None and owner() is not self:
+            owner().detach()
+        self._install_hooks()
+        self.backbone.__dict__[_OWNER] = weakref.ref(self)
 
     def detach(self) -> None:
-        """Undo `attach`, leaving the backbone exactly as it was."""
+        """Remove this method's hooks, leaving the backbone exactly as it was."""
+        self._remove_hooks()
+        owner = self.backbone.__dict__.get(_OWNER)
+        if owner is not None and owner() is self:
+            del self.backbone.__dict__[_OWNER]
+
+    @property
+    def attached(self) -> bool:
+        owner = self.backbone.__dict__.get(_OWNER)
+        return owner is not None and owner() is self
+
+    def _install_hooks(self) -> None:
+        """Install hooks inside the backbone's modules. Default: none."""
+
+    def _remove_hooks(self) -> None:
+        """Remove what `_install_hooks` installed."""
+
+    def __call__(self, *args, **kwargs):
+        if not self.attached:
+            raise RuntimeError(
+                f"{self.method_name}: the backbone is attached to another method; call attach() before using this one"
+            )
+        return super().__call__(*args, **kwargs)
 
     def end_task(self) -> None:
         """Called once after each task's training (e.g. APT merges its prompt)."""
