@@ -1,0 +1,47 @@
+"""What every stage shares: the outputs layout and reading the prepared data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from promptcil.artifacts import load_tensors, read_json
+from promptcil.config import Params, load_params
+from promptcil.data import ImageSet, TaskSplit
+
+OUT = Path("outputs")
+PREPARE = OUT / "prepare"
+BACKBONE = OUT / "backbone"
+FEATURES = OUT / "features"
+PROTOTYPES = OUT / "prototypes"
+PROMPT_INIT = OUT / "prompt_init"
+TRAIN = OUT / "train"
+EVALUATE = OUT / "evaluate"
+REGISTER = OUT / "register"
+DATA_KIND = "image_data"
+
+
+def params(path: str | Path = "params.yaml") -> Params:
+    return load_params(path)
+
+
+def task_split(prepare_dir: Path = PREPARE) -> TaskSplit:
+    return TaskSplit.from_dict(read_json(prepare_dir / "tasks.json")["split"])
+
+
+def image_set(split: str, prepare_dir: Path = PREPARE) -> ImageSet:
+    """The prepared (relabelled, uint8) images of `split`."""
+    tensors, manifest = load_tensors(prepare_dir / f"{split}.safetensors", kind=DATA_KIND)
+    return ImageSet(tensors["images"], tensors["labels"], manifest["metadata"]["class_names"])
+
+
+def backbone_weights(backbone_dir: Path = BACKBONE) -> Path | None:
+    weights = backbone_dir / "weights.safetensors"
+    return weights if weights.exists() else None
+
+
+def device_for(p: Params) -> torch.device:
+    from promptcil.train import resolve_device
+
+    return resolve_device(p.train.device)

@@ -1,0 +1,56 @@
+"""evaluate: the accuracy matrix over tasks, A_last, A_avg, forgetting, GFLOPs and parameters,
+plus DVC plots (accuracy matrix as a table, accuracy after each task)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from promptcil.artifacts import write_json
+from promptcil.evaluation import accuracy_matrix
+from promptcil.metrics import count_parameters, gflops_per_image, summarize
+from promptcil.train import load_task_state, task_state_path
+
+from stages.common import EVALUATE, TRAIN, device_for, image_set, params, task_split
+from stages.train import build_model
+
+
+def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, train_dir: Path = TRAIN) -> dict:
+    p = params(params_path)
+    split = task_split()
+    device = device_for(p)
+    model = build_model(p, device)
+    states = [task_state_path(train_dir, t) for t in range(split.num_tasks)]
+    matrix, counts = accuracy_matrix(model, states, image_set("test"), split, p.eval.batch_size, device)
+    metrics = summarize(matrix, counts)
+    load_task_state(model, states[-1])
+    model.eval()
+    example = image_set("test").images[:8].to(device)
+    model.method.detach()  # the plain backbone's cost, for the ratio
+    plain_gflops = gflops_per_image(lambda x: model.backbone.forward_features(model.preprocess(x)), example)
+    model.method.attach()
+    gflops = gflops_per_image(model, example)
+    metrics |= {
+        "method": p.method.name,
+        "head": p.head.name,
+        "gflops_per_image": gflops,
+        "gflops_vs_plain_backbone": gflops / plain_gflops,
+        "trainable_params": count_parameters(model.method) + count_parameters(model.head, trainable_only=False),
+        "prompt_params": count_parameters(model.method),
+        "test_samples_per_task": counts,
+    }
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "plots" / "accuracy_after_task.json", [
+        {"task": t, "accuracy": a} for t, a in enumerate(metrics["accuracy_after_task"])
+    ])
+    write_json(out / "plots" / "accuracy_matrix.json", [
+        {"after_task": i, "on_task": j, "accuracy": a}
+        for i, row in enumerate(matrix) for j, a in enumerate(row) if a is not None
+    ])
+    return metrics
+
+
+if __name__ == "__main__":
+    evaluate(*sys.argv[1:2])

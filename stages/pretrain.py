@@ -1,0 +1,38 @@
+"""pretrain: the frozen backbone's weights. Trained here on the base classes when
+backbone.source is `pretrain`; otherwise only the reference and its weights' sha256 are recorded."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from promptcil.artifacts import save_tensors, write_json
+from promptcil.backbone import BACKBONE_KIND, load_backbone, weights_fingerprint
+from promptcil.data import subset
+from promptcil.pretrain import pretrain_backbone
+
+from stages.common import BACKBONE, device_for, image_set, params, task_split
+
+
+def pretrain(params_path: str | Path = "params.yaml", out: Path = BACKBONE, progress: bool = True) -> dict:
+    p = params(params_path)
+    info: dict = {"name": p.backbone.name, "source": p.backbone.source}
+    if p.backbone.source == "pretrain":
+        split = task_split()
+        base = subset(image_set("train"), list(split.task_classes(0)))
+        started = time.perf_counter()
+        model, losses = pretrain_backbone(p.backbone, base, device_for(p), seed=p.train.seed, progress=progress)
+        info |= {"train_images": len(base), "epoch_losses": losses, "seconds": time.perf_counter() - started}
+        save_tensors(out / "weights.safetensors", model.state_dict(), kind=BACKBONE_KIND,
+                     metadata={"name": p.backbone.name})
+    else:
+        model = load_backbone(p.backbone, seed=p.train.seed)
+        info["file"] = str(p.backbone.file) if p.backbone.file else None
+    info["weights_sha256"] = weights_fingerprint(model)
+    write_json(out / "backbone.json", info)
+    return info
+
+
+if __name__ == "__main__":
+    pretrain(*sys.argv[1:2])

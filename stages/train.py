@@ -1,0 +1,42 @@
+"""train: task by task on each task's data only; resumable (reruns continue from the last checkpoint)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from promptcil.artifacts import write_json
+from promptcil.backbone import load_backbone
+from promptcil.model import IncrementalModel
+from promptcil.train import IncrementalTrainer
+
+from stages.common import TRAIN, backbone_weights, device_for, image_set, params, task_split
+
+
+def build_model(p, device: torch.device | None = None) -> IncrementalModel:
+    """The model the pipeline trains and evaluates: params' method and head on the recorded backbone."""
+    backbone = load_backbone(p.backbone, weights=backbone_weights(), seed=p.train.seed)
+    torch.manual_seed(p.train.seed)  # the prompt's initial values
+    model = IncrementalModel.from_params(p, backbone)
+    return model.to(device) if device is not None else model
+
+
+def train(params_path: str | Path = "params.yaml", out: Path = TRAIN, progress: bool = True) -> dict:
+    p = params(params_path)
+    split = task_split()
+    model = build_model(p)
+    trainer = IncrementalTrainer(model, split, p.train, out, device_for(p), progress=progress)
+    logs = trainer.run(image_set("train"))
+    summary = {
+        "tasks": split.num_tasks,
+        "device": str(trainer.device),
+        "log": [{"task": g.task, "samples": g.samples, "epoch_losses": g.epoch_losses} for g in logs],
+    }
+    write_json(out / "train_log.json", summary)
+    return summary
+
+
+if __name__ == "__main__":
+    train(*sys.argv[1:2])
