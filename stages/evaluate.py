@@ -21,7 +21,7 @@ def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, trai
     p = params(params_path)
     split = task_split()
     device = device_for(p)
-    model = build_model(p, device)
+    model = build_model(p, device, init=False)  # every task state holds the whole prompt
     states = [task_state_path(train_dir, t) for t in range(split.num_tasks)]
     matrix, counts = accuracy_matrix(model, states, image_set("test"), split, p.eval.batch_size, device)
     metrics = summarize(matrix, counts)

@@ -28,6 +28,7 @@ def register(params_path: str | Path = "params.yaml", out: Path = REGISTER) -> d
     prepared = read_json(PREPARE / "tasks.json")
     last = prepared["num_tasks"] - 1
     result = tracking.log_pipeline_run(
+        registry=p.registry,
         params=p.model_dump(mode="json"),
         metrics=metrics,
         task_logs=read_json(TRAIN / "train_log.json")["log"],

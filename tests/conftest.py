@@ -48,3 +48,68 @@ def pretrained_backbone(digits_tasks: DigitsTasks):
     base = subset(digits_tasks.train, list(digits_tasks.split.task_classes(0)))
     backbone, _ = pretrain_backbone(params.backbone, base, torch.device("cpu"), progress=False)
     return backbone
+
+
+# ---------------------------------------------------------------- pipeline projects
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+TINY_PIPELINE_PARAMS = {
+    "backbone": {**TINY_BACKBONE, "source": "pretrain", "pretrain": {"epochs": 10, "lr": 2e-3}},
+    "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
+    "registry": {"gate": {"min_A_last": None, "max_forgetting": None}},
+}
+
+
+def write_params(project, **overrides: dict) -> None:
+    """A CPU-sized params.yaml (tiny ViT, few epochs) in `project`, with per-section overrides."""
+    import yaml
+
+    raw = {k: dict(v) for k, v in TINY_PIPELINE_PARAMS.items()}
+    for section, values in overrides.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+
+
+def run_stages(project, progress: bool = False) -> dict:
+    """Every stage function in order inside `project` (what `dvc repro` and the flow run)."""
+    from contextlib import chdir
+
+    from stages.evaluate import evaluate
+    from stages.features import features
+    from stages.prepare import prepare
+    from stages.pretrain import pretrain
+    from stages.prompt_init import prompt_init
+    from stages.prototypes import prototypes
+    from stages.register import register
+    from stages.train import train
+
+    with chdir(project):
+        prepare()
+        pretrain(progress=progress)
+        features()
+        prototypes()
+        prompt_init()
+        train(progress=progress)
+        metrics = evaluate()
+        registration = register()
+    return {"metrics": metrics, "registration": registration}
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory):
+    """One tiny pipeline run (all stages, MLflow in the project's own sqlite store), shared read-only."""
+    import os
+
+    project = tmp_path_factory.mktemp("project")
+    write_params(project)
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        result = run_stages(project)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+    return {"dir": project, "tracking_uri": uri, **result}

@@ -157,8 +157,28 @@ class TrainConfig(Section):
         return v
 
 
+class InitConfig(Section):
+    name: Literal["random", "class_prototype"] = Field(
+        "random",
+        description="random: the method's own seeded init (trunc-normal, method.*.init_std); "
+        "class_prototype: prompt slots from task 0's class means of the tokens entering each block "
+        "(Lester et al.'s class-label init; see README for what it means per method).",
+    )
+
+
 class EvalConfig(Section):
     batch_size: int = Field(256, gt=0)
+
+
+class GateConfig(Section):
+    min_A_last: float | None = Field(None, ge=0, le=1, description="Versions below this A_last are tagged gate=failed.")
+    max_forgetting: float | None = Field(None, ge=0, le=1, description="Versions above this forgetting are tagged gate=failed.")
+
+
+class RegistryConfig(Section):
+    model_name: str = Field("promptcil", min_length=1, description="MLflow registered model name.")
+    experiment: str = Field("promptcil", min_length=1, description="MLflow experiment name.")
+    gate: GateConfig = GateConfig()
 
 
 class Params(Section):
@@ -166,8 +186,10 @@ class Params(Section):
     backbone: BackboneConfig = BackboneConfig()
     method: MethodConfig = MethodConfig()
     head: HeadConfig = HeadConfig()
+    init: InitConfig = InitConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    registry: RegistryConfig = RegistryConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":

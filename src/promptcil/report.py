@@ -24,5 +24,5 @@ def print_summary(summary: dict[str, Any], metrics: dict[str, Any] | None = None
     if "version" in summary:
         console.print(
             f"MLflow run {summary['run_id']} in {summary.get('tracking_uri', '')}; registry: "
-            f"{summary['model_name']} version {summary['version']} (review=pending)"
+            f"{summary['model_name']} version {summary['version']} (review=pending, gate={summary['gate']})"
         )

@@ -10,7 +10,8 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 
-MODEL_NAME = "promptcil"
+from promptcil.config import GateConfig, RegistryConfig
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 
 
@@ -33,7 +34,19 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
+    """Why a version fails the quality gate (empty: it passes)."""
+    failures = []
+    if gate.min_A_last is not None and metrics["A_last"] < gate.min_A_last:
+        failures.append(f"A_last {metrics['A_last']:.3f} < {gate.min_A_last}")
+    forgetting = metrics.get("forgetting")
+    if gate.max_forgetting is not None and forgetting is not None and forgetting > gate.max_forgetting:
+        failures.append(f"forgetting {forgetting:.3f} > {gate.max_forgetting}")
+    return failures
+
+
 def log_pipeline_run(
+    registry: RegistryConfig,
     params: dict[str, Any],
     metrics: dict[str, Any],
     task_logs: list[dict[str, Any]],
@@ -41,10 +54,10 @@ def log_pipeline_run(
     tags: dict[str, str],
     model_code: Path,
     model_artifacts: dict[str, str],
-    experiment: str = "promptcil",
 ) -> dict[str, Any]:
-    """Log the run and register its prompt as a new model version tagged review=pending."""
-    mlflow.set_experiment(experiment)
+    """Log the run and register its prompt as a new model version tagged review=pending,
+    and gate=passed or gate=failed (with the reasons) from params' quality gate."""
+    mlflow.set_experiment(registry.experiment)
     with mlflow.start_run(run_name=f"{params['method']['name']}-{params['data']['source']}") as parent:
         mlflow.set_tags(tags | {"method": params["method"]["name"]})
         mlflow.log_params(flatten(params))
@@ -63,13 +76,16 @@ def log_pipeline_run(
             mlflow.log_artifacts(str(folder), artifact_path=name)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(model_code), artifacts=model_artifacts,
-            registered_model_name=MODEL_NAME,
+            registered_model_name=registry.model_name,
         )
         run_id = parent.info.run_id
     client = MlflowClient()
-    version = str(info.registered_model_version)
-    client.set_model_version_tag(MODEL_NAME, version, "review", "pending")
-    for key in ("A_last", "A_avg", "forgetting"):
-        if metrics.get(key) is not None:
-            client.set_model_version_tag(MODEL_NAME, version, key, f"{metrics[key]:.4f}")
-    return {"run_id": run_id, "model_name": MODEL_NAME, "version": version}
+    name, version = registry.model_name, str(info.registered_model_version)
+    failures = gate_failures(metrics, registry.gate)
+    tags = {"review": "pending", "gate": "failed" if failures else "passed", "run_id": run_id}
+    if failures:
+        tags["gate_reasons"] = "; ".join(failures)
+    tags |= {key: f"{metrics[key]:.4f}" for key in ("A_last", "A_avg", "forgetting") if metrics.get(key) is not None}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return {"run_id": run_id, "model_name": name, "version": version, "gate": tags["gate"]}

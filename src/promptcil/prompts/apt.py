@@ -55,6 +55,20 @@ class AdditivePrompt(PromptMethod):
         blocks = list(range(len(backbone.blocks))) if apt.blocks == "all" else list(apt.blocks)
         return cls(backbone, blocks, apt.merge_momentum, apt.init_std)
 
+    @torch.no_grad()
+    def init_from_class_tokens(self, block_class_tokens: torch.Tensor, class_features: torch.Tensor) -> None:
+        """Block b's key/value prompt = the key/value projection (no bias) of the classes' mean token
+        entering block b (after the block's norm1), rescaled to the random init's RMS: the data gives
+        the direction, the paper's init gives the size, so the first step starts near the plain model."""
+        rms = float(self.additive_cls_prompt.pow(2).mean().sqrt())
+        dim = self.embed_dim
+        for slot, index in enumerate(self.blocks):
+            block = self.backbone.blocks[index]
+            token = block.norm1(block_class_tokens[index].mean(dim=0))
+            key_value = token @ block.attn.qkv.weight[dim:].T  # (2D,): [k | v]
+            for part, vector in enumerate(key_value.view(2, dim)):
+                self.additive_cls_prompt[slot, part].copy_(vector * rms / vector.pow(2).mean().sqrt().clamp_min(1e-12))
+
     def active_prompt(self) -> torch.Tensor:
         """The prompt being trained while training; the merged one at inference once a task has ended."""
         if self.training or int(self.merged_tasks) == 0:

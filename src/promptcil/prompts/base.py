@@ -101,6 +101,15 @@ class PromptMethod(nn.Module):
     def end_task(self) -> None:
         """Called once after each task's training (e.g. APT merges its prompt)."""
 
+    def init_from_class_tokens(self, block_class_tokens: torch.Tensor, class_features: torch.Tensor) -> None:
+        """Set the prompt from class prototypes (the `class_prototype` initialiser).
+
+        Args:
+            block_class_tokens: (depth, C, D) per-class mean patch token entering each block.
+            class_features: (C, D) per-class mean final CLS feature.
+        Default: a method without prompt tensors has nothing to set.
+        """
+
     def before_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         """Edit the token sequence entering block `index`. Default: unchanged."""
         return tokens
@@ -117,6 +126,11 @@ class PromptMethod(nn.Module):
             tokens = block(self.before_block(index, tokens))
         tokens = self.backbone.norm(tokens)
         return self.backbone.forward_head(tokens, pre_logits=True)
+
+
+def cycle_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` rows taken from `rows` in turn (one prototype per slot, cycling when slots outnumber classes)."""
+    return rows[torch.arange(count) % rows.shape[0]]
 
 
 def trunc_normal_parameter(*shape: int, std: float) -> nn.Parameter:

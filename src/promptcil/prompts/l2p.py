@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.config import MethodConfig
-from promptcil.prompts.base import PromptMethod, register_method, trunc_normal_parameter
+from promptcil.prompts.base import PromptMethod, cycle_rows, register_method, trunc_normal_parameter
 
 
 @register_method("l2p")
@@ -42,6 +42,14 @@ class PromptPool(PromptMethod):
     def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "PromptPool":
         c = cfg.l2p
         return cls(backbone, c.pool_size, c.length, c.top_k, c.key_loss_weight, c.init_std)
+
+    @torch.no_grad()
+    def init_from_class_tokens(self, block_class_tokens: torch.Tensor, class_features: torch.Tensor) -> None:
+        """Prompt tokens cycle through the classes' input tokens; key p = class (p mod C)'s CLS feature,
+        so each class's images start by choosing 'their' prompts."""
+        pool, length, dim = self.prompt_pool.shape
+        self.prompt_pool.copy_(cycle_rows(block_class_tokens[0], pool * length).view(pool, length, dim))
+        self.prompt_keys.copy_(cycle_rows(class_features, pool))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

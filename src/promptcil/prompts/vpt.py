@@ -12,7 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.config import MethodConfig
-from promptcil.prompts.base import PromptMethod, register_method, trunc_normal_parameter
+from promptcil.prompts.base import PromptMethod, cycle_rows, register_method, trunc_normal_parameter
 
 
 @register_method("vpt")
@@ -35,6 +35,12 @@ class VisualPromptTokens(PromptMethod):
     @classmethod
     def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "VisualPromptTokens":
         return cls(backbone, cfg.vpt.length, cfg.vpt.deep, cfg.vpt.init_std)
+
+    @torch.no_grad()
+    def init_from_class_tokens(self, block_class_tokens: torch.Tensor, class_features: torch.Tensor) -> None:
+        """Slot s of block l's prompt = class (s mod C)'s mean token entering block l."""
+        for layer in range(self.prompt_tokens.shape[0]):
+            self.prompt_tokens[layer].copy_(cycle_rows(block_class_tokens[layer], self.length))
 
     def before_block(self, index: int, tokens: torch.Tensor) -> torch.Tensor:
         if index > 0 and not self.deep:

@@ -1,0 +1,32 @@
+"""prompt_init: the method's initial prompt from params (`init.name`), using only task 0's classes
+(the data available before any training)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from promptcil.artifacts import load_tensors, save_tensors
+from promptcil.init import initialise
+
+from stages.common import PROMPT_INIT, PROTOTYPES, params, task_split
+from stages.prototypes import PROTOTYPES_KIND
+from stages.train import build_model
+
+PROMPT_INIT_KIND = "prompt_init"
+
+
+def prompt_init(params_path: str | Path = "params.yaml", out: Path = PROMPT_INIT) -> dict:
+    p = params(params_path)
+    base = list(task_split().task_classes(0))
+    protos, _ = load_tensors(PROTOTYPES / "prototypes.safetensors", kind=PROTOTYPES_KIND)
+    stats = {"class_features": protos["class_features"][base], "block_class_tokens": protos["block_class_tokens"][:, base]}
+    method = build_model(p, init=False).method
+    initialise(p.init.name, method, stats)
+    save_tensors(out / "prompt.safetensors", method.state_dict(), kind=PROMPT_INIT_KIND,
+                 metadata={"init": p.init.name, "method": p.method.name})
+    return {"init": p.init.name}
+
+
+if __name__ == "__main__":
+    prompt_init(*sys.argv[1:2])

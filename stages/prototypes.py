@@ -1,0 +1,34 @@
+"""prototypes: per-class means of the frozen features (final CLS and every block's input tokens)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from promptcil.artifacts import load_tensors, save_tensors
+from promptcil.features import class_means
+
+from stages.common import FEATURES, PROTOTYPES, task_split
+from stages.features import FEATURES_KIND
+
+PROTOTYPES_KIND = "prototypes"
+
+
+def prototypes(out: Path = PROTOTYPES) -> dict:
+    split = task_split()
+    stats, _ = load_tensors(FEATURES / "features.safetensors", kind=FEATURES_KIND)
+    num_classes = split.task_classes(split.num_tasks - 1).stop
+    task_of_class = torch.cat([torch.full((len(split.task_classes(t)),), t) for t in range(split.num_tasks)])
+    tensors = {
+        "class_features": class_means(stats["cls"], stats["labels"], num_classes),
+        "block_class_tokens": class_means(stats["block_input_tokens"], stats["labels"], num_classes).transpose(0, 1),
+        "task_of_class": task_of_class,
+    }
+    save_tensors(out / "prototypes.safetensors", tensors, kind=PROTOTYPES_KIND)
+    return {"classes": num_classes}
+
+
+if __name__ == "__main__":
+    prototypes()
