@@ -41,6 +41,11 @@ def register(params_path: str | Path = "params.yaml", out: Path = REGISTER) -> d
             "task_state": str(task_state_path(TRAIN, last)),
             "task_state_manifest": str(task_state_path(TRAIN, last).with_suffix(".json")),
             "tasks": str(PREPARE / "tasks.json"),
+            # held-out test images (never training data) travel with the version, so a retrain can
+            # evaluate on every class seen without the pipeline's folders
+            "eval_set": str(PREPARE / "test.safetensors"),
+            "eval_set_manifest": str(PREPARE / "test.json"),
+            "metrics": str(EVALUATE / "metrics.json"),
         },
     )
     result["tracking_uri"] = uri

@@ -113,3 +113,15 @@ def pipeline_project(tmp_path_factory):
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous
     return {"dir": project, "tracking_uri": uri, **result}
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (starting one costs ~10 s)."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

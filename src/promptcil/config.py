@@ -181,6 +181,13 @@ class RegistryConfig(Section):
     gate: GateConfig = GateConfig()
 
 
+class RetrainConfig(Section):
+    incoming: Path = Field(Path("incoming"), description="Folder of new classes: incoming/<class name>/<images>.")
+    test_fraction: float = Field(0.25, gt=0, lt=1, description="Per new class, images held out for evaluation.")
+    work_dir: Path = Field(Path("outputs/retrain"), description="Where retrain runs keep checkpoints (resumable).")
+    cron: str = Field("0 3 * * *", description="Schedule of `promptcil serve` / `flows/retrain.py --serve`.")
+
+
 class Params(Section):
     data: DataConfig = DataConfig()
     backbone: BackboneConfig = BackboneConfig()
@@ -190,6 +197,7 @@ class Params(Section):
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "Params":

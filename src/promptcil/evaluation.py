@@ -24,6 +24,21 @@ def predict(model: IncrementalModel, data: ImageSet, batch_size: int, device: to
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
 
 
+def accuracy_row(
+    model: IncrementalModel, task_state: Path, task: int, test_set: ImageSet, split: TaskSplit,
+    batch_size: int, device: torch.device,
+) -> list[float]:
+    """[a[task][j] for j <= task]: the state after `task`, predicting over all classes it has seen."""
+    load_task_state(model, task_state)
+    seen = subset(test_set, list(split.seen_classes(task)))
+    correct = predict(model, seen, batch_size, device) == seen.labels
+    row = []
+    for j in range(task + 1):
+        in_task = torch.isin(seen.labels, torch.tensor(list(split.task_classes(j))))
+        row.append(correct[in_task].float().mean().item())
+    return row
+
+
 def accuracy_matrix(
     model: IncrementalModel,
     task_states: list[Path],
@@ -36,18 +51,10 @@ def accuracy_matrix(
 
     Returns the matrix (None above the diagonal) and the test-sample count per task.
     """
-    counts = [len(subset(test_set, list(split.task_classes(j)))) for j in range(len(task_states))]
+    tasks = len(task_states)
+    counts = [len(subset(test_set, list(split.task_classes(j)))) for j in range(tasks)]
     matrix: list[list[float | None]] = []
     for i, path in enumerate(task_states):
-        load_task_state(model, path)
-        seen = subset(test_set, list(split.seen_classes(i)))
-        correct = predict(model, seen, batch_size, device) == seen.labels
-        row: list[float | None] = []
-        for j in range(len(task_states)):
-            if j > i:
-                row.append(None)
-                continue
-            in_task = torch.isin(seen.labels, torch.tensor(list(split.task_classes(j))))
-            row.append(correct[in_task].float().mean().item())
-        matrix.append(row)
+        row: list[float | None] = list(accuracy_row(model, path, i, test_set, split, batch_size, device))
+        matrix.append(row + [None] * (tasks - i - 1))
     return matrix, counts

@@ -197,7 +197,7 @@ def cifar100(cfg: DataConfig, split: Split, image_size: int) -> ImageSet:
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def _read_rgb(path: Path, size: int) -> np.ndarray:
+def read_rgb_image(path: Path, size: int) -> np.ndarray:
     """Decode one file into (size, size, 3) uint8.
 
     Conversions: 16-bit greyscale (Pillow modes I;16*, and I as older Pillow opens
@@ -225,7 +225,7 @@ def _read_rgb(path: Path, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def _class_folders(split_dir: Path) -> dict[str, list[Path]]:
+def class_image_files(split_dir: Path) -> dict[str, list[Path]]:
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     folders = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -268,12 +268,12 @@ def imagefolder(cfg: DataConfig, split: Split, image_size: int) -> ImageSet:
             f"data.root: test/ classes differ from train/ classes in {root} (missing in test: {missing}, "
             f"only in test: {extra})"
         )
-    files = _class_folders(root / split)
+    files = class_image_files(root / split)
     paths = [path for images in files.values() for path in images]
     labels = [label for label, images in enumerate(files.values()) for _ in images]
     size = cfg.image_size or image_size
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
-        arrays = list(pool.map(lambda path: _read_rgb(path, size), paths))
+        arrays = list(pool.map(lambda path: read_rgb_image(path, size), paths))
     return ImageSet(
         images=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(),
         labels=torch.tensor(labels, dtype=torch.int64),
