@@ -35,7 +35,8 @@ from promptcil.evaluation import accuracy_row  # noqa: E402
 from promptcil.incoming import read_incoming  # noqa: E402
 from promptcil.metrics import summarize  # noqa: E402
 from promptcil.model import IncrementalModel  # noqa: E402
-from promptcil.train import IncrementalTrainer, load_task_state, resolve_device, task_state_path  # noqa: E402
+from promptcil.runtime import resolve_device  # noqa: E402
+from promptcil.train import IncrementalTrainer, load_task_state, task_state_path  # noqa: E402
 
 import promptcil.serving  # noqa: E402
 

@@ -9,6 +9,7 @@ import torch
 from promptcil.artifacts import load_tensors, read_json
 from promptcil.config import Params, load_params
 from promptcil.data import ImageSet, TaskSplit
+from promptcil.runtime import resolve_device
 
 OUT = Path("outputs")
 PREPARE = OUT / "prepare"
@@ -42,6 +43,4 @@ def backbone_weights(backbone_dir: Path = BACKBONE) -> Path | None:
 
 
 def device_for(p: Params) -> torch.device:
-    from promptcil.train import resolve_device
-
     return resolve_device(p.train.device)

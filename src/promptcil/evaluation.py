@@ -8,6 +8,7 @@ import torch
 
 from promptcil.data import ImageSet, TaskSplit, make_loader, subset
 from promptcil.model import IncrementalModel
+from promptcil.runtime import autocast_for
 from promptcil.train import load_task_state
 
 
@@ -16,10 +17,9 @@ def predict(model: IncrementalModel, data: ImageSet, batch_size: int, device: to
     """Predicted incremental labels for every image (CPU tensor), in data order."""
     model.eval().to(device)
     loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     preds = []
     for images, _ in loader:
-        with autocast:
+        with autocast_for(device):
             preds.append(model.predict(images.to(device, non_blocking=True)))
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
 

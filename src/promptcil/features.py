@@ -12,6 +12,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.data import DevicePreprocess, ImageSet, make_loader
+from promptcil.runtime import autocast_for
 
 
 @torch.no_grad()
@@ -21,11 +22,10 @@ def backbone_statistics(
     """{"cls": (N, D), "block_input_tokens": (N, depth, D), "labels": (N,)} in data order, float32 on CPU."""
     backbone.eval().to(device)
     preprocess = DevicePreprocess.from_model(backbone).to(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     cls_out, block_out = [], []
     prefix = backbone.num_prefix_tokens
     for images, _ in make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda"):
-        with autocast:
+        with autocast_for(device):
             tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(
                 backbone.patch_embed(preprocess(images.to(device, non_blocking=True)))
             )))

@@ -9,8 +9,6 @@ classes are never seen, so what the prompts add on them is measurable.
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
-
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -19,6 +17,7 @@ from timm.models.vision_transformer import VisionTransformer
 from promptcil.backbone import create_vit, freeze
 from promptcil.config import BackboneConfig
 from promptcil.data import DevicePreprocess, ImageSet, make_loader
+from promptcil.runtime import autocast_for
 
 
 def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -47,7 +46,6 @@ def pretrain_backbone(
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     steps = p.epochs * math.ceil(len(data) / p.batch_size)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=steps, pct_start=0.1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     generator = torch.Generator().manual_seed(seed)
     max_shift = max(1, cfg.img_size // 16)
     losses: list[float] = []
@@ -63,7 +61,7 @@ def pretrain_backbone(
                 images = preprocess(images.to(device, non_blocking=True))
                 images = random_shift(images, max_shift, generator)
                 labels = labels.to(device, non_blocking=True)
-                with autocast:
+                with autocast_for(device):
                     loss = F.cross_entropy(model(images).float(), labels, label_smoothing=p.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,16 +27,11 @@ from promptcil.artifacts import ArtifactError, load_tensors, save_tensors
 from promptcil.config import TrainConfig
 from promptcil.data import ImageSet, TaskSplit, make_loader, subset
 from promptcil.model import IncrementalModel
+from promptcil.runtime import autocast_for, resolve_device
 
 CHECKPOINT_KIND = "checkpoint"
 TASK_STATE_KIND = "task_state"
 _CHECKPOINT_NAME = re.compile(r"ckpt-t(\d+)-e(\d+)\.safetensors$")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def task_state_path(out_dir: Path, task: int) -> Path:
@@ -86,9 +80,6 @@ class IncrementalTrainer:
         self.progress = progress
         self.on_epoch_end = on_epoch_end
         self.model.to(self.device)
-        self._autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        )
 
     # ---- data --------------------------------------------------------------
     def task_data(self, train_set: ImageSet, task: int) -> ImageSet:
@@ -166,7 +157,7 @@ class IncrementalTrainer:
         for images, labels in self.task_loader(data, task, epoch):
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
-            with self._autocast:
+            with autocast_for(self.device):
                 logits = self.model(images).float()
                 if first_class > 0 and self.model.head.trainable:
                     # earlier tasks' classes take no part in this task's softmax
@@ -192,7 +183,7 @@ class IncrementalTrainer:
             return
         loader = make_loader(data, 256, shuffle=False, seed=0, pin_memory=self.device.type == "cuda")
         for images, labels in loader:
-            with self._autocast:
+            with autocast_for(self.device):
                 features = self.model.features(images.to(self.device, non_blocking=True))
             self.model.head.observe(features.float(), labels.to(self.device))
         self.model.head.finish_task()
