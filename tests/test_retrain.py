@@ -54,8 +54,7 @@ def project(tmp_path, monkeypatch):
     write_params(tmp_path)
     first = run_stages(tmp_path)["registration"]
     tracking.configure()
-    MlflowClient().set_model_version_tag("promptcil", first["version"], "review", "approved")
-    MlflowClient().set_registered_model_alias("promptcil", "champion", first["version"])
+    tracking.approve("promptcil", first["version"], reviewer="test")
     return tmp_path
 
 

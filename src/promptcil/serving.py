@@ -28,7 +28,7 @@ class PromptcilModel(mlflow.pyfunc.PythonModel):
         self.model.eval()
         self.class_names = json.loads(Path(context.artifacts["tasks"]).read_text())["class_names"]
 
-    def predict(self, context, model_input, params=None) -> list[str]:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> list[str]:
         images = torch.as_tensor(np.asarray(model_input, dtype=np.uint8))
         if images.ndim == 3:  # (N, H, W) grey
             images = images[:, None]

@@ -1,0 +1,196 @@
+"""`promptcil …` through typer's CliRunner, on real sqlite stores and the session's pipeline run."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import chdir
+from pathlib import Path
+
+import mlflow.tracking._model_registry.utils as registry_utils
+import mlflow.tracking._tracking_service.utils as tracking_utils
+import pytest
+import torch
+import typer
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+from typer.testing import CliRunner
+
+from promptcil import tracking
+from promptcil.cli import app
+from promptcil.config import RegistryConfig
+from promptcil.evaluation import predict
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def logged_model(pipeline_project) -> dict:
+    """The pipeline run's model files (registrable into any store) and metrics."""
+    uri = pipeline_project["tracking_uri"]
+    client = MlflowClient(uri, uri)
+    registration = pipeline_project["registration"]
+    version = client.get_model_version(registration["model_name"], registration["version"])
+    return {
+        "uri": client.get_logged_model(version.source.removeprefix("models:/")).artifact_location,
+        "metrics": pipeline_project["metrics"],
+    }
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, logged_model) -> Iterator[Path]:
+    """An empty working directory with its own store (MLFLOW_TRACKING_URI), as a user runs the CLI."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri exports it
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    tracking.configure()
+    yield tmp_path
+
+
+def register(logged_model: dict, name: str = "promptcil") -> str:
+    registered = tracking.register_version(RegistryConfig(model_name=name), logged_model["uri"], logged_model["metrics"])
+    return registered["version"]
+
+
+def one_line_error(result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------- review
+
+
+def test_review_list_approve_reject(project, logged_model):
+    first, second = register(logged_model), register(logged_model)
+
+    listed = runner.invoke(app, ["review", "list"])
+    assert listed.exit_code == 0, listed.output
+    assert "promptcil" in listed.stdout and listed.stdout.count("pending") == 2
+
+    approved = runner.invoke(app, ["review", "approve", first, "--reviewer", "ada", "--note", "good [enough]"])
+    assert approved.exit_code == 0, approved.output
+    assert f"version {first} approved by ada: now champion" in approved.stdout
+    assert tracking.champion("promptcil")["version"] == first
+
+    rejected = runner.invoke(app, ["review", "reject", second, "--reason", "forgets class 3"])
+    assert rejected.exit_code == 0, rejected.output
+    assert "rejected: forgets class 3" in rejected.stdout
+
+    listed = runner.invoke(app, ["review", "list"])
+    rows = {line.split()[0]: line for line in listed.stdout.splitlines() if line.strip()[:1].isdigit()}
+    assert "champion" in rows[first] and "approved" in rows[first] and "rejected" in rows[second]
+    assert f"version {first}: by ada: good [enough]" in listed.stdout  # user text is not rich markup
+
+    error = one_line_error(runner.invoke(app, ["review", "approve", second, "--reviewer", "ada"]), 1)
+    assert "was rejected (forgets class 3)" in error
+    error = one_line_error(runner.invoke(app, ["review", "reject", first, "--reason", "oops"]), 1)
+    assert "approve another version first" in error
+    error = one_line_error(runner.invoke(app, ["review", "approve", "7", "--reviewer", "ada"]), 1)
+    assert "'promptcil' has no version 7" in error
+    assert tracking.champion("promptcil")["version"] == first
+
+
+def test_model_name_defaults_to_params(project, logged_model):
+    (project / "params.yaml").write_text(yaml.safe_dump({"registry": {"model_name": "digits-prod"}}))
+    version = register(logged_model, "digits-prod")
+    listed = runner.invoke(app, ["review", "list"])
+    assert listed.exit_code == 0 and "digits-prod" in listed.stdout
+    assert runner.invoke(app, ["review", "approve", version, "--reviewer", "ada"]).exit_code == 0
+    assert tracking.champion("digits-prod")["version"] == version
+    error = one_line_error(runner.invoke(app, ["review", "list", "--model", "nope"]), 1)
+    assert "no registered model 'nope' (registered: digits-prod)" in error
+
+
+def test_bad_params_is_a_one_line_error(project):
+    (project / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": -1}}))
+    error = one_line_error(runner.invoke(app, ["params", "check"]), 2)
+    assert error == "error: params.yaml: train.lr: Input should be greater than 0"
+    assert one_line_error(runner.invoke(app, ["review", "list"]), 2) == error  # default model name reads it
+
+    (project / "other.yaml").write_text("train:\n  lr: [unclosed\n")
+    assert "not valid YAML" in one_line_error(runner.invoke(app, ["params", "check", "other.yaml"]), 2)
+    assert "file not found" in one_line_error(runner.invoke(app, ["params", "check", "missing.yaml"]), 2)
+
+    (project / "good.yaml").write_text(yaml.safe_dump({"train": {"lr": 0.01}}))
+    checked = runner.invoke(app, ["params", "check", "good.yaml"])
+    assert checked.exit_code == 0 and checked.stdout.strip() == "OK good.yaml"
+
+
+# ---------------------------------------------------------------- predict
+
+
+def test_predict_prints_the_evaluate_stage_labels(project, logged_model, pipeline_project):
+    from stages.common import TRAIN, image_set, params, task_split
+    from stages.train import build_model
+
+    from promptcil.train import load_task_state, task_state_path
+
+    cpu = torch.device("cpu")
+    with chdir(pipeline_project["dir"]):
+        p, test, split = params(), image_set("test"), task_split()
+        model = build_model(p, cpu, init=False)
+        load_task_state(model, task_state_path(TRAIN, split.num_tasks - 1))
+    expected = [test.class_names[i] for i in predict(model, test, p.eval.batch_size, cpu).tolist()][:6]
+
+    tracking.approve("promptcil", register(logged_model), reviewer="ada")
+    files = []
+    for i, image in enumerate(test.images[:6]):
+        files.append(project / f"digit-{i}.png")
+        Image.fromarray(image[0].numpy()).save(files[-1])  # greyscale: the CLI converts to RGB
+
+    result = runner.invoke(app, ["predict", "models:/promptcil@champion", *map(str, files)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [f"{path}\t{label}" for path, label in zip(files, expected, strict=True)]
+
+    (project / "broken.png").write_bytes(b"not an image")
+    assert "cannot identify image file" in one_line_error(
+        runner.invoke(app, ["predict", "models:/promptcil@champion", "broken.png"]), 1
+    )
+    assert "alias nope not found" in one_line_error(
+        runner.invoke(app, ["predict", "models:/promptcil@nope", str(files[0])]), 1
+    )
+
+
+# ---------------------------------------------------------------- serve
+
+
+def test_serve_runs_the_retrain_flow(project):
+    assert "run from a promptcil checkout" in one_line_error(runner.invoke(app, ["serve"]), 2)
+
+    (project / "flows").mkdir()
+    (project / "flows" / "retrain.py").write_text(
+        "import sys, pathlib\npathlib.Path('argv.txt').write_text(' | '.join(sys.argv[1:]))\nsys.exit(3)\n"
+    )
+    result = runner.invoke(app, ["serve", "--cron", "0 3 * * *"])
+    assert result.exit_code == 3  # the flow's own exit status
+    assert (project / "argv.txt").read_text() == "--serve | --cron | 0 3 * * *"
+    runner.invoke(app, ["serve"])
+    assert (project / "argv.txt").read_text() == "--serve"  # the flow reads retrain.cron from params.yaml
+
+
+# ---------------------------------------------------------------- help
+
+
+def test_every_command_and_option_has_help():
+    def walk(command, path: list[str]) -> Iterator[tuple[list[str], object]]:
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():  # typer's own click, not `click`
+            yield from walk(sub, [*path, name])
+
+    commands = list(walk(typer.main.get_command(app), []))
+    assert {" ".join(path) for path, _ in commands} >= {
+        "review list", "review approve", "review reject", "predict", "params check", "serve",
+    }
+    for path, command in commands:
+        assert command.help, f"promptcil {' '.join(path)} has no help"
+        for param in command.params:
+            if param.name not in ("help", "install_completion", "show_completion"):
+                assert getattr(param, "help", None), f"promptcil {' '.join(path)}: {param.name} has no help"
+        shown = runner.invoke(app, [*path, "--help"])
+        assert shown.exit_code == 0 and "Usage" in shown.stdout, shown.output

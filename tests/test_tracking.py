@@ -1,0 +1,263 @@
+"""MLflow tracking and registry review, on real sqlite stores.
+
+The session's `pipeline_project` run is read, never changed: review tests register its logged model
+again into a store of this module's own (each test under model names of its own), which costs
+milliseconds per version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import chdir
+from datetime import datetime
+from pathlib import Path
+
+import mlflow
+import mlflow.tracking._model_registry.utils as registry_utils
+import mlflow.tracking._tracking_service.utils as tracking_utils
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from promptcil import tracking
+from promptcil.config import GateConfig, RegistryConfig
+from promptcil.evaluation import predict
+from promptcil.tracking import ReviewError
+
+
+@pytest.fixture(scope="module")
+def logged_model(pipeline_project) -> dict:
+    """The pipeline run's model files (registrable into any store), its run id and metrics."""
+    uri = pipeline_project["tracking_uri"]
+    client = MlflowClient(uri, uri)
+    registration = pipeline_project["registration"]
+    version = client.get_model_version(registration["model_name"], registration["version"])
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    return {"uri": model.artifact_location, "run_id": registration["run_id"], "metrics": pipeline_project["metrics"]}
+
+
+def use_store(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Select `uri` the way users do (MLFLOW_TRACKING_URI + configure), undone by `monkeypatch`."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)  # mlflow.set_registry_uri exports it
+    monkeypatch.setattr(tracking_utils, "_tracking_uri", tracking_utils._tracking_uri)
+    monkeypatch.setattr(registry_utils, "_registry_uri", registry_utils._registry_uri)
+    assert tracking.configure() == uri
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, pipeline_project) -> Iterator[str]:
+    """One sqlite store for this module's review tests; each test uses model names of its own.
+    (After `pipeline_project`: its register stage points MLflow at the project's store.)"""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('registry') / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_store(uri, monkeypatch)
+        yield uri
+
+
+@pytest.fixture
+def name(store, request) -> str:
+    """A registered-model name no other test in the module uses."""
+    return request.node.name.removeprefix("test_")
+
+
+def register(logged_model: dict, name: str, gate: GateConfig | None = None) -> str:
+    registry = RegistryConfig(model_name=name, gate=gate or GateConfig())
+    registered = tracking.register_version(registry, logged_model["uri"], logged_model["metrics"], logged_model["run_id"])
+    return registered["version"]
+
+
+def tags(name: str, version: str) -> dict[str, str]:
+    return MlflowClient().get_model_version(name, version).tags
+
+
+# ---------------------------------------------------------------- the pipeline's run
+
+
+def test_pipeline_run_is_tracked_and_registered(pipeline_project):
+    uri, registration = pipeline_project["tracking_uri"], pipeline_project["registration"]
+    client = MlflowClient(uri, uri)
+    parent = client.get_run(registration["run_id"])
+    with chdir(pipeline_project["dir"]):
+        params = yaml.safe_load(Path("params.yaml").read_text())
+        prepared = json.loads(Path("outputs/prepare/tasks.json").read_text())
+    assert parent.data.params["train.epochs"] == str(params["train"]["epochs"])
+    assert parent.data.params["backbone.embed_dim"] == str(params["backbone"]["embed_dim"])
+    assert parent.data.metrics["A_last"] == pytest.approx(pipeline_project["metrics"]["A_last"])
+    assert parent.data.metrics["A_avg"] == pytest.approx(pipeline_project["metrics"]["A_avg"])
+    assert parent.data.tags["method"] == "apt"
+    assert parent.data.tags["data_sha256"] == prepared["data"]["train"]["sha256"]
+    assert parent.data.tags["git_commit"]
+
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    assert sorted(run.info.run_name for run in children) == [f"task-{t}" for t in range(prepared["num_tasks"])]
+    for run in children:
+        assert {"accuracy_seen_classes", "loss", "train_samples"} <= set(run.data.metrics)
+
+    assert "evaluate/metrics.json" in [f.path for f in client.list_artifacts(parent.info.run_id, "evaluate")]
+    version = client.get_model_version(registration["model_name"], registration["version"])
+    assert client.get_logged_model(version.source.removeprefix("models:/")).source_run_id == parent.info.run_id
+    assert version.tags["review"] == "pending"
+    assert version.tags["gate"] == "passed"
+    assert version.tags["run_id"] == parent.info.run_id
+    assert float(version.tags["A_last"]) == pytest.approx(pipeline_project["metrics"]["A_last"], abs=1e-4)
+
+
+# ---------------------------------------------------------------- review
+
+
+def test_approve_makes_champion_and_moves_it(name, logged_model):
+    first, second = register(logged_model, name), register(logged_model, name)
+    assert tracking.champion(name) is None
+
+    approved = tracking.approve(name, first, reviewer="ada", note="baseline")
+    assert approved["aliases"] == ["champion"] and approved["review"] == "approved"
+    assert tracking.champion(name)["version"] == first
+    audit = tags(name, first)
+    assert audit["reviewer"] == "ada" and audit["review_note"] == "baseline"
+    assert datetime.fromisoformat(audit["reviewed_at"]).utcoffset().total_seconds() == 0
+
+    moved = tracking.approve(name, second, reviewer="grace")
+    assert moved["previous_champion"] == first
+    assert tags(name, second)["previous_champion"] == first
+    assert tracking.champion(name)["version"] == second
+    listed = {v["version"]: v for v in tracking.list_versions(name)}
+    assert listed[second]["aliases"] == ["champion"] and listed[first]["aliases"] == []
+    assert [v["version"] for v in tracking.list_versions(name)] == [second, first]
+
+    tracking.approve(name, first, reviewer="ada", note="roll back")  # an approved version can serve again
+    assert tracking.champion(name)["version"] == first
+
+
+def test_rejected_version_cannot_become_champion(name, logged_model):
+    version = register(logged_model, name)
+    rejected = tracking.reject(name, version, reason="misses class 7")
+    assert rejected["review"] == "rejected" and rejected["note"] == "misses class 7"
+    assert tags(name, version)["reject_reason"] == "misses class 7"
+    with pytest.raises(ReviewError, match="was rejected \\(misses class 7\\)"):
+        tracking.approve(name, version, reviewer="ada")
+    assert tracking.champion(name) is None
+    assert tags(name, version)["review"] == "rejected"
+
+
+def test_gate_failed_cannot_be_approved(name, logged_model):
+    assert logged_model["metrics"]["A_last"] < 0.99
+    version = register(logged_model, name, GateConfig(min_A_last=0.99))
+    assert tags(name, version)["gate"] == "failed"
+    with pytest.raises(ReviewError, match="failed the quality gate \\(A_last 0.\\d+ < 0.99\\)"):
+        tracking.approve(name, version, reviewer="ada")
+    assert tracking.champion(name) is None
+    assert tags(name, version)["review"] == "pending"
+
+
+def test_version_without_promptcil_tags_cannot_be_approved(name, logged_model):
+    """Registered around promptcil (no gate result): the invariant still holds."""
+    version = str(mlflow.register_model(logged_model["uri"], name).version)
+    with pytest.raises(ReviewError, match="no quality-gate result"):
+        tracking.approve(name, version, reviewer="ada")
+    assert tracking.champion(name) is None
+
+
+def test_version_of_another_model_name_is_refused(name, logged_model):
+    alpha, beta = f"{name}-alpha", f"{name}-beta"
+    register(logged_model, alpha)
+    register(logged_model, alpha)
+    register(logged_model, beta)
+    with pytest.raises(ReviewError, match=f"'{beta}' has no version 2; version 2 belongs to .*'{alpha}'"):
+        tracking.approve(beta, 2, reviewer="ada")
+    with pytest.raises(ReviewError, match=f"no registered model '{name}-gamma' \\(registered: .*{alpha}, {beta}"):
+        tracking.approve(f"{name}-gamma", 1, reviewer="ada")
+    with pytest.raises(ReviewError, match="positive number"):
+        tracking.reject(alpha, "latest", reason="x")
+    assert tracking.champion(alpha) is None and tracking.champion(beta) is None
+
+
+def test_rejecting_the_champion_is_refused(name, logged_model):
+    version = register(logged_model, name)
+    tracking.approve(name, version, reviewer="ada")
+    with pytest.raises(ReviewError, match="is the champion; approve another version first"):
+        tracking.reject(name, version, reason="changed my mind")
+    assert tags(name, version)["review"] == "approved"
+    assert tracking.champion(name)["version"] == version
+
+
+# ---------------------------------------------------------------- concurrency
+
+REGISTER_AT_ONCE = """
+import json, sys, time
+from pathlib import Path
+from promptcil import tracking
+from promptcil.config import RegistryConfig
+
+ready, go, model_uri, metrics = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+ready.touch()
+while not go.exists():
+    time.sleep(0.002)
+tracking.configure()
+print(tracking.register_version(RegistryConfig(model_name="shared"), model_uri, metrics)["version"])
+"""
+
+
+def test_concurrent_registrations_get_distinct_versions(tmp_path, logged_model, monkeypatch):
+    """Two processes open one fresh sqlite store and register at the same moment."""
+    uri = f"sqlite:///{tmp_path / 'shared.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    go = tmp_path / "go"
+    readies = [tmp_path / f"ready-{i}" for i in range(2)]
+    metrics = json.dumps({k: logged_model["metrics"][k] for k in ("A_last", "A_avg", "forgetting")})
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", REGISTER_AT_ONCE, str(ready), str(go), logged_model["uri"], metrics],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for ready in readies
+    ]
+    deadline = time.monotonic() + 120
+    while not all(r.exists() for r in readies) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
+    results = [w.communicate(timeout=120) for w in workers]
+    for worker, (_, err) in zip(workers, results, strict=True):
+        assert worker.returncode == 0, err[-2000:]
+    assert sorted(out.strip().splitlines()[-1] for out, _ in results) == ["1", "2"]
+
+    use_store(uri, monkeypatch)
+    assert [(v["version"], v["review"], v["gate"]) for v in tracking.list_versions("shared")] == [
+        ("2", "pending", "passed"), ("1", "pending", "passed"),
+    ]
+
+
+# ---------------------------------------------------------------- serving
+
+
+def evaluate_stage_predictions(project) -> tuple[torch.Tensor, list[str]]:
+    """The test images and the class names the evaluate stage's model predicts for them."""
+    from stages.common import TRAIN, image_set, params, task_split
+    from stages.train import build_model
+
+    from promptcil.train import load_task_state, task_state_path
+
+    cpu = torch.device("cpu")
+    with chdir(project):
+        p, test, split = params(), image_set("test"), task_split()
+        model = build_model(p, cpu, init=False)
+        load_task_state(model, task_state_path(TRAIN, split.num_tasks - 1))
+    labels = predict(model, test, p.eval.batch_size, cpu)
+    return test.images, [test.class_names[i] for i in labels.tolist()]
+
+
+def test_champion_predicts_like_the_evaluate_stage(name, logged_model, pipeline_project):
+    version = register(logged_model, name)
+    tracking.approve(name, version, reviewer="ada")
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    images, expected = evaluate_stage_predictions(pipeline_project["dir"])
+    assert served.predict(images.numpy()) == expected
