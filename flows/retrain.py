@@ -42,10 +42,9 @@ import promptcil.serving  # noqa: E402
 
 
 @task(name="fetch-champion", retries=2, retry_delay_seconds=2)
-def fetch_champion(model_name: str, dst: Path) -> tuple[str, Path]:
-    version = MlflowClient().get_model_version_by_alias(model_name, "champion").version
+def fetch_champion(model_name: str, version: str, dst: Path) -> Path:
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(dst)))
-    return str(version), local / "artifacts"
+    return local / "artifacts"
 
 
 @flow(name="promptcil-retrain", log_prints=True)
@@ -54,13 +53,12 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
     project = load_params(params_path)
     tracking.configure()
     name = project.registry.model_name
-    try:
-        MlflowClient().get_model_version_by_alias(name, "champion")
-    except mlflow.exceptions.MlflowException:
-        raise RuntimeError(f"no champion for '{name}': approve a version first (promptcil review approve)") from None
-
+    serving = tracking.champion(name)
+    if serving is None:
+        raise RuntimeError(f"no champion for '{name}': approve a version first (promptcil review approve)")
+    version = str(serving["version"])
     work = project.retrain.work_dir
-    version, champ = fetch_champion(name, work / "champion")
+    champ = fetch_champion(name, version, work / "champion")
     tasks = read_json(champ / "tasks.json")
     eval_tensors, eval_manifest = load_tensors(champ / "test.safetensors", kind="image_data")
     old_test = ImageSet(eval_tensors["images"], eval_tensors["labels"], tasks["class_names"])
