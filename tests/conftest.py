@@ -61,13 +61,15 @@ TINY_PIPELINE_PARAMS = {
 
 
 def write_params(project, **overrides: dict) -> None:
-    """A CPU-sized params.yaml (tiny ViT, few epochs) in `project`, with per-section overrides."""
+    """A CPU-sized params.yaml (tiny ViT, few epochs) in `project`, with per-section overrides, written
+    out in full: dvc.yaml tracks whole sections and DVC fails on one missing from params.yaml."""
     import yaml
 
     raw = {k: dict(v) for k, v in TINY_PIPELINE_PARAMS.items()}
     for section, values in overrides.items():
         raw[section] = {**raw.get(section, {}), **values}
-    (project / "params.yaml").write_text(yaml.safe_dump(raw))
+    full = parse_params(raw).model_dump(mode="json")
+    (project / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
 
 
 def run_stages(project, progress: bool = False) -> dict:

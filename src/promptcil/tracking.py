@@ -124,9 +124,21 @@ def log_pipeline_run(
                     mlflow.log_metric("loss", loss, step=epoch)
         for name, folder in artifact_dirs.items():
             mlflow.log_artifacts(str(folder), artifact_path=name)
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(model_code), artifacts=model_artifacts)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(model_code), artifacts=model_artifacts,
+            pip_requirements=serving_requirements(),
+        )
         run_id = parent.info.run_id
     return register_version(registry, info.model_uri, metrics, run_id=run_id)
+
+
+def serving_requirements() -> list[str]:
+    """The pinned packages the logged model needs (promptcil itself must be installed beside them).
+    Given explicitly: MLflow's inference of them imports torch in a subprocess (~8 s per version)."""
+    from importlib.metadata import version
+
+    packages = ("torch", "torchvision", "timm", "safetensors", "pydantic", "pyyaml", "numpy", "mlflow")
+    return [f"{name}=={version(name)}" for name in packages]
 
 
 def register_version(
