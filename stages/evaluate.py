@@ -10,6 +10,7 @@ import torch
 
 from promptcil.artifacts import write_json
 from promptcil.evaluation import accuracy_matrix
+from promptcil.plots import accuracy_after_task_png, accuracy_matrix_png
 from promptcil.metrics import count_parameters, gflops_per_image, summarize
 from promptcil.train import load_task_state, task_state_path
 
@@ -49,6 +50,8 @@ def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, trai
         {"after_task": i, "on_task": j, "accuracy": a}
         for i, row in enumerate(matrix) for j, a in enumerate(row) if a is not None
     ])
+    accuracy_matrix_png(matrix, out / "plots" / "accuracy_matrix.png")
+    accuracy_after_task_png(metrics["accuracy_after_task"], out / "plots" / "accuracy_after_task.png")
     return metrics
 
 

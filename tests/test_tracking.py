@@ -103,6 +103,8 @@ def test_pipeline_run_is_tracked_and_registered(pipeline_project):
         assert {"accuracy_seen_classes", "loss", "train_samples"} <= set(run.data.metrics)
 
     assert "evaluate/metrics.json" in [f.path for f in client.list_artifacts(parent.info.run_id, "evaluate")]
+    plots = [f.path for f in client.list_artifacts(parent.info.run_id, "evaluate/plots")]
+    assert {"evaluate/plots/accuracy_matrix.png", "evaluate/plots/accuracy_after_task.png"} <= set(plots)
     version = client.get_model_version(registration["model_name"], registration["version"])
     assert client.get_logged_model(version.source.removeprefix("models:/")).source_run_id == parent.info.run_id
     assert version.tags["review"] == "pending"

@@ -1,0 +1,50 @@
+"""PNG plots of a run for people (MLflow artifacts, DVC image plots)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from promptcil.artifacts import atomic_write_bytes  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def accuracy_matrix_png(matrix: list[list[float | None]], path: Path) -> None:
+    """Heatmap of a[i][j] (row: after task i; column: on task j)."""
+    values = np.array([[np.nan if a is None else a for a in row] for row in matrix], dtype=float)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(matrix), 1.0 + 0.6 * len(matrix)))
+    image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis")
+    for (i, j), a in np.ndenumerate(values):
+        if not np.isnan(a):
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", color="white" if a < 0.6 else "black", fontsize=8)
+    ax.set_xlabel("on task j")
+    ax.set_ylabel("after task i")
+    ax.set_xticks(range(len(matrix)))
+    ax.set_yticks(range(len(matrix)))
+    ax.set_title("accuracy matrix")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def accuracy_after_task_png(accuracy: list[float], path: Path) -> None:
+    """Accuracy on all classes seen so far, after each task."""
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.plot(range(len(accuracy)), accuracy, marker="o")
+    ax.set_ylim(0, 1)
+    ax.set_xticks(range(len(accuracy)))
+    ax.set_xlabel("after task")
+    ax.set_ylabel("accuracy on seen classes")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
