@@ -21,6 +21,16 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _dvc_data_hash(lock: Path = Path("dvc.lock")) -> str:
+    """DVC's hash of the prepared data (outputs/prepare) as recorded in dvc.lock; "none" outside `dvc repro`."""
+    import yaml
+
+    if not lock.is_file():
+        return "none"
+    outs = yaml.safe_load(lock.read_text()).get("stages", {}).get("prepare", {}).get("outs", [])
+    return next((out.get("md5", "none") for out in outs if out.get("path") == str(PREPARE)), "none")
+
+
 def register(params_path: str | Path = "params.yaml", out: Path = REGISTER) -> dict:
     p = params(params_path)
     uri = tracking.configure()
@@ -33,7 +43,11 @@ def register(params_path: str | Path = "params.yaml", out: Path = REGISTER) -> d
         metrics=metrics,
         task_logs=read_json(TRAIN / "train_log.json")["log"],
         artifact_dirs={"evaluate": EVALUATE, "backbone": BACKBONE},
-        tags={"git_commit": _git_commit(), "data_sha256": prepared["data"]["train"]["sha256"]},
+        tags={
+            "git_commit": _git_commit(),
+            "data_sha256": prepared["data"]["train"]["sha256"],
+            "dvc_data_md5": _dvc_data_hash(),
+        },
         model_code=Path(promptcil.serving.__file__),
         model_artifacts={
             "params": str(Path(params_path)),

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
@@ -115,6 +116,11 @@ def test_repro_runs_every_stage_and_writes_metrics(repo: Repo):
     registration = json.loads((repo.dir / "outputs" / "register" / "registration.json").read_text())
     assert registration["version"] == "1"
     assert (repo.dir / "dvc.lock").is_file()
+    # the MLflow run records which DVC data version it trained on
+    lock = yaml.safe_load((repo.dir / "dvc.lock").read_text())
+    prepared_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
+    run = mlflow.MlflowClient(repo.env["MLFLOW_TRACKING_URI"]).get_run(registration["run_id"])
+    assert run.data.tags["dvc_data_md5"] == prepared_md5
     # git sees only the lock file change: every output is DVC's (cached, git-ignored) or ignored by the project
     assert [line[3:] for line in repo.status_after_repro.splitlines()] == ["dvc.lock"]
 

@@ -87,8 +87,9 @@ def load_backbone(cfg: BackboneConfig, weights: Path | None = None, seed: int = 
     elif cfg.source == "file":
         assert cfg.file is not None  # enforced by the config schema
         model = create_vit(cfg)
+        weights = load_weights_file(cfg.file)  # ArtifactError for pickles with code, unreadable files
         try:
-            load_state(model, load_weights_file(cfg.file), "backbone.file")
+            load_state(model, weights, "backbone.file")
         except RuntimeError as err:  # shape mismatch inside load_state_dict
             raise BackboneError(f"backbone.file: {str(err).splitlines()[0]}") from None
     elif cfg.source == "pretrain":
