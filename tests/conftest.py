@@ -127,3 +127,16 @@ def prefect_harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="module")
+def logged_model(pipeline_project) -> dict:
+    """The pipeline run's model files (registrable into any store), its run id and metrics."""
+    from mlflow import MlflowClient
+
+    uri = pipeline_project["tracking_uri"]
+    client = MlflowClient(uri, uri)
+    registration = pipeline_project["registration"]
+    version = client.get_model_version(registration["model_name"], registration["version"])
+    model = client.get_logged_model(version.source.removeprefix("models:/"))
+    return {"uri": model.artifact_location, "run_id": registration["run_id"], "metrics": pipeline_project["metrics"]}

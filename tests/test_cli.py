@@ -12,7 +12,6 @@ import pytest
 import torch
 import typer
 import yaml
-from mlflow import MlflowClient
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -22,19 +21,6 @@ from promptcil.config import RegistryConfig
 from promptcil.evaluation import predict
 
 runner = CliRunner(env={"COLUMNS": "200"})
-
-
-@pytest.fixture(scope="module")
-def logged_model(pipeline_project) -> dict:
-    """The pipeline run's model files (registrable into any store) and metrics."""
-    uri = pipeline_project["tracking_uri"]
-    client = MlflowClient(uri, uri)
-    registration = pipeline_project["registration"]
-    version = client.get_model_version(registration["model_name"], registration["version"])
-    return {
-        "uri": client.get_logged_model(version.source.removeprefix("models:/")).artifact_location,
-        "metrics": pipeline_project["metrics"],
-    }
 
 
 @pytest.fixture

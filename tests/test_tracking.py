@@ -31,17 +31,6 @@ from promptcil.evaluation import predict
 from promptcil.tracking import ReviewError
 
 
-@pytest.fixture(scope="module")
-def logged_model(pipeline_project) -> dict:
-    """The pipeline run's model files (registrable into any store), its run id and metrics."""
-    uri = pipeline_project["tracking_uri"]
-    client = MlflowClient(uri, uri)
-    registration = pipeline_project["registration"]
-    version = client.get_model_version(registration["model_name"], registration["version"])
-    model = client.get_logged_model(version.source.removeprefix("models:/"))
-    return {"uri": model.artifact_location, "run_id": registration["run_id"], "metrics": pipeline_project["metrics"]}
-
-
 def use_store(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Select `uri` the way users do (MLFLOW_TRACKING_URI + configure), undone by `monkeypatch`."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
