@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from promptcil.artifacts import load_tensors, read_json
-from promptcil.config import Params, load_params
-from promptcil.data import ImageSet, TaskSplit
+from promptcil.artifacts import ArtifactError, load_tensors, read_json
+from promptcil.backbone import BackboneError
+from promptcil.config import ConfigError, Params, load_params
+from promptcil.data import DataError, ImageSet, TaskSplit
 from promptcil.runtime import resolve_device
 
 OUT = Path("outputs")
@@ -21,6 +24,15 @@ TRAIN = OUT / "train"
 EVALUATE = OUT / "evaluate"
 REGISTER = OUT / "register"
 DATA_KIND = "image_data"
+
+
+def run_stage(stage: Callable[..., object], *args: str) -> None:
+    """Run a stage as a script: known problems end in one line on stderr and exit code 2, no traceback."""
+    try:
+        stage(*args)
+    except (ConfigError, DataError, ArtifactError, BackboneError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def params(path: str | Path = "params.yaml") -> Params:

@@ -14,7 +14,7 @@ from promptcil.plots import accuracy_after_task_png, accuracy_matrix_png
 from promptcil.metrics import count_parameters, gflops_per_image, summarize
 from promptcil.train import load_task_state, task_state_path
 
-from stages.common import EVALUATE, TRAIN, device_for, image_set, params, task_split
+from stages.common import EVALUATE, TRAIN, device_for, image_set, params, run_stage, task_split
 from stages.train import build_model
 
 
@@ -56,4 +56,4 @@ def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, trai
 
 
 if __name__ == "__main__":
-    evaluate(*sys.argv[1:2])
+    run_stage(evaluate, *sys.argv[1:2])

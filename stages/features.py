@@ -10,7 +10,7 @@ from promptcil.artifacts import save_tensors
 from promptcil.backbone import load_backbone
 from promptcil.features import backbone_statistics
 
-from stages.common import FEATURES, backbone_weights, device_for, image_set, params
+from stages.common import FEATURES, backbone_weights, device_for, image_set, params, run_stage
 
 FEATURES_KIND = "features"
 
@@ -24,4 +24,4 @@ def features(params_path: str | Path = "params.yaml", out: Path = FEATURES) -> d
 
 
 if __name__ == "__main__":
-    features(*sys.argv[1:2])
+    run_stage(features, *sys.argv[1:2])

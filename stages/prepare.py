@@ -8,7 +8,7 @@ from pathlib import Path
 from promptcil.artifacts import save_tensors, write_json
 from promptcil.data import load_split, make_task_split
 
-from stages.common import DATA_KIND, PREPARE, params
+from stages.common import DATA_KIND, PREPARE, params, run_stage
 
 
 def prepare(params_path: str | Path = "params.yaml", out: Path = PREPARE) -> dict:
@@ -35,4 +35,4 @@ def prepare(params_path: str | Path = "params.yaml", out: Path = PREPARE) -> dic
 
 
 if __name__ == "__main__":
-    prepare(*sys.argv[1:2])
+    run_stage(prepare, *sys.argv[1:2])

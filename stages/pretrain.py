@@ -12,7 +12,7 @@ from promptcil.backbone import BACKBONE_KIND, load_backbone, weights_fingerprint
 from promptcil.data import subset
 from promptcil.pretrain import pretrain_backbone
 
-from stages.common import BACKBONE, device_for, image_set, params, task_split
+from stages.common import BACKBONE, device_for, image_set, params, run_stage, task_split
 
 
 def pretrain(params_path: str | Path = "params.yaml", out: Path = BACKBONE, progress: bool = True) -> dict:
@@ -35,4 +35,4 @@ def pretrain(params_path: str | Path = "params.yaml", out: Path = BACKBONE, prog
 
 
 if __name__ == "__main__":
-    pretrain(*sys.argv[1:2])
+    run_stage(pretrain, *sys.argv[1:2])

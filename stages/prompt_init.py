@@ -9,7 +9,7 @@ from pathlib import Path
 from promptcil.artifacts import load_tensors, save_tensors
 from promptcil.init import initialise
 
-from stages.common import PROMPT_INIT, PROTOTYPES, params, task_split
+from stages.common import PROMPT_INIT, PROTOTYPES, params, run_stage, task_split
 from stages.prototypes import PROTOTYPES_KIND
 from stages.train import build_model
 
@@ -29,4 +29,4 @@ def prompt_init(params_path: str | Path = "params.yaml", out: Path = PROMPT_INIT
 
 
 if __name__ == "__main__":
-    prompt_init(*sys.argv[1:2])
+    run_stage(prompt_init, *sys.argv[1:2])

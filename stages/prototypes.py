@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -10,7 +9,7 @@ import torch
 from promptcil.artifacts import load_tensors, save_tensors
 from promptcil.features import class_means
 
-from stages.common import FEATURES, PROTOTYPES, task_split
+from stages.common import FEATURES, PROTOTYPES, run_stage, task_split
 from stages.features import FEATURES_KIND
 
 PROTOTYPES_KIND = "prototypes"
@@ -31,4 +30,4 @@ def prototypes(out: Path = PROTOTYPES) -> dict:
 
 
 if __name__ == "__main__":
-    prototypes()
+    run_stage(prototypes)

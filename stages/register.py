@@ -11,7 +11,7 @@ from promptcil import tracking
 from promptcil.artifacts import read_json, write_json
 from promptcil.train import task_state_path
 
-from stages.common import BACKBONE, EVALUATE, PREPARE, REGISTER, TRAIN, params
+from stages.common import BACKBONE, EVALUATE, PREPARE, REGISTER, TRAIN, params, run_stage
 
 
 def _git_commit() -> str:
@@ -68,4 +68,4 @@ def register(params_path: str | Path = "params.yaml", out: Path = REGISTER) -> d
 
 
 if __name__ == "__main__":
-    register(*sys.argv[1:2])
+    run_stage(register, *sys.argv[1:2])

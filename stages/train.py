@@ -12,7 +12,9 @@ from promptcil.backbone import load_backbone
 from promptcil.model import IncrementalModel
 from promptcil.train import IncrementalTrainer
 
-from stages.common import PROMPT_INIT, TRAIN, backbone_weights, device_for, image_set, params, task_split
+from stages.common import (
+    PROMPT_INIT, TRAIN, backbone_weights, device_for, image_set, params, run_stage, task_split,
+)
 
 
 def build_model(p, device: torch.device | None = None, init: bool = True) -> IncrementalModel:
@@ -43,4 +45,4 @@ def train(params_path: str | Path = "params.yaml", out: Path = TRAIN, progress: 
 
 
 if __name__ == "__main__":
-    train(*sys.argv[1:2])
+    run_stage(train, *sys.argv[1:2])
