@@ -101,10 +101,11 @@ def test_resume_after_an_interrupted_epoch_ends_identical(random_backbone, digit
 @pytest.mark.slow
 @pytest.mark.parametrize(
     # measured on digits B4+3x2 (2-core CPU, seed 0, 3 pretraining runs): SimpleCIL 0.55-0.56,
-    # APT 0.42, VPT-deep (2 tokens) 0.39; chance is 0.10. With 10 tokens per block VPT-deep drowns
-    # this 16-patch, 48-wide ViT and forgets (A_last 0.16-0.33), so the test uses 2.
+    # APT 0.42, VPT-deep (2 tokens) 0.39, ridge head on frozen features 0.76; chance is 0.10. With 10
+    # tokens per block VPT-deep drowns this 16-patch, 48-wide ViT and forgets (0.16-0.33), so the test uses 2.
     "method, head, lr, threshold",
-    [("none", "prototype", 1e-2, 0.45), ("apt", "linear", 1e-2, 0.32), ("vpt", "linear", 1e-3, 0.28)],
+    [("none", "prototype", 1e-2, 0.45), ("apt", "linear", 1e-2, 0.32), ("vpt", "linear", 1e-3, 0.28),
+     ("none", "ridge", 1e-2, 0.65)],
 )
 def test_digits_run_beats_chance_by_far(method, head, lr, threshold, pretrained_backbone, digits_tasks, tmp_path):
     params = make_params(

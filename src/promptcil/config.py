@@ -130,12 +130,25 @@ class MethodConfig(Section):
     l2p: L2PConfig = L2PConfig()
 
 
+class RidgeConfig(Section):
+    projection_dim: int = Field(2048, gt=0, description="Width M of the fixed random projection (RanPAC: 10000 for ViT-B).")
+    nonlinearity: Literal["relu", "identity"] = Field("relu", description="Applied after the projection.")
+    seed: int = Field(0, description="The projection is regenerated from this seed, never stored.")
+    ridge: float | None = Field(
+        None, gt=0,
+        description="Ridge strength; null: chosen RanPAC's way on a held-out part of the first task's data, then fixed.",
+    )
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out part of the first task for choosing ridge.")
+
+
 class HeadConfig(Section):
-    name: Literal["linear", "prototype"] = Field(
+    name: Literal["linear", "prototype", "ridge"] = Field(
         "linear",
         description="linear: grows per task, L2-normalised rows, old logits masked while a task trains; "
-        "prototype: cosine to class means (nothing trained).",
+        "prototype: cosine to class means (nothing trained); ridge: RanPAC random projection + ridge regression "
+        "from running sums (exact, order-invariant).",
     )
+    ridge: RidgeConfig = RidgeConfig()
 
 
 class TrainConfig(Section):
@@ -201,10 +214,10 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Params":
-        if self.method.name != "none" and self.head.name == "prototype":
+        if self.method.name != "none" and self.head.name in ("prototype", "ridge"):
             raise ValueError(
-                f"head.name: 'prototype' has nothing to train prompts through; use 'linear' with method "
-                f"'{self.method.name}', or method 'none' (SimpleCIL)"
+                f"head.name: '{self.head.name}' has nothing to train prompts through; use 'linear' with method "
+                f"'{self.method.name}', or method 'none'"
             )
         return self
 

@@ -29,7 +29,7 @@ class IncrementalModel(nn.Module):
 
     @classmethod
     def from_params(cls, params: Params, backbone: VisionTransformer) -> "IncrementalModel":
-        return cls(backbone, create_method(params.method, backbone), create_head(params.head.name, backbone.embed_dim))
+        return cls(backbone, create_method(params.method, backbone), create_head(params.head, backbone.embed_dim))
 
     def to(self, *args, **kwargs) -> "IncrementalModel":  # type: ignore[override]
         self.backbone.to(*args, **kwargs)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-HEADS: dict[str, Callable[[int], "Head"]] = {}
+from promptcil.config import HeadConfig
+
+HEADS: dict[str, type["Head"]] = {}
 
 
 def register_head(name: str):
@@ -19,8 +21,8 @@ def register_head(name: str):
     return wrap
 
 
-def create_head(name: str, embed_dim: int) -> "Head":
-    return HEADS[name](embed_dim)
+def create_head(cfg: HeadConfig, embed_dim: int) -> "Head":
+    return HEADS[cfg.name].from_config(cfg, embed_dim)
 
 
 class Head(nn.Module):
@@ -30,6 +32,10 @@ class Head(nn.Module):
     def __init__(self, embed_dim: int) -> None:
         super().__init__()
         self.embed_dim = embed_dim
+
+    @classmethod
+    def from_config(cls, cfg: HeadConfig, embed_dim: int) -> "Head":
+        return cls(embed_dim)
 
     @property
     def num_classes(self) -> int:

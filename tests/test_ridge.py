@@ -1,0 +1,91 @@
+"""The analytic ridge head (RanPAC-style): exact, order-invariant, sample-free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptcil.backbone import load_backbone
+from promptcil.config import BackboneConfig
+from promptcil.features import backbone_statistics
+from promptcil.heads.ridge import RIDGE_CANDIDATES, RidgeHead
+
+from conftest import TINY_BACKBONE, DigitsTasks
+
+
+@pytest.fixture(scope="module")
+def features(digits_tasks: DigitsTasks) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed features (frozen random tiny ViT, no prompt) of the digits training set, incremental labels."""
+    backbone = load_backbone(BackboneConfig(source="random", **TINY_BACKBONE), seed=0)
+    stats = backbone_statistics(backbone, digits_tasks.train, 256, torch.device("cpu"))
+    return stats["cls"], stats["labels"]
+
+
+def fit(head: RidgeHead, features, labels, tasks: list[list[int]]) -> RidgeHead:
+    """Feed tasks in order; labels must already be numbered in arrival order."""
+    for classes in tasks:
+        head.add_classes(len(classes))
+        mask = torch.isin(labels, torch.tensor(classes))
+        for chunk in torch.split(torch.nonzero(mask).flatten(), 100):  # several batches per task
+            head.observe(features[chunk], labels[chunk])
+        head.finish_task()
+    return head
+
+
+def test_task_by_task_equals_all_at_once(features, digits_tasks):
+    feats, labels = features
+    split = digits_tasks.split
+    tasks = [list(split.task_classes(t)) for t in range(split.num_tasks)]
+    incremental = fit(RidgeHead(feats.shape[1], 256, ridge=1.0), feats, labels, tasks)
+    joint = fit(RidgeHead(feats.shape[1], 256, ridge=1.0), feats, labels, [list(range(10))])
+    torch.testing.assert_close(incremental.gram, joint.gram, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(incremental.targets, joint.targets, rtol=1e-10, atol=1e-8)
+    torch.testing.assert_close(incremental.weight, joint.weight, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(incremental(feats), joint(feats), rtol=1e-4, atol=1e-5)
+
+
+def test_the_same_head_for_two_task_orders(features, digits_tasks):
+    feats, labels = features
+    split = digits_tasks.split
+    tasks = [list(split.task_classes(t)) for t in range(split.num_tasks)]
+    forward = fit(RidgeHead(feats.shape[1], 256, ridge=1.0), feats, labels, tasks)
+    # reversed arrival: classes are numbered in the order they arrive, so relabel, then compare per class
+    arrival = [c for task in reversed(tasks) for c in task]
+    relabel = torch.empty(10, dtype=torch.int64)
+    relabel[torch.tensor(arrival)] = torch.arange(10)
+    backward = fit(RidgeHead(feats.shape[1], 256, ridge=1.0), feats, relabel[labels],
+                   [[int(relabel[c]) for c in task] for task in reversed(tasks)])
+    torch.testing.assert_close(backward.weight[:, relabel], forward.weight, rtol=1e-4, atol=1e-6)
+
+
+def test_its_state_holds_no_sample(features, digits_tasks):
+    feats, labels = features
+    tasks = [list(digits_tasks.split.task_classes(t)) for t in range(digits_tasks.split.num_tasks)]
+    once = fit(RidgeHead(feats.shape[1], 128, ridge=1.0), feats, labels, tasks).state_dict()
+    twice = fit(RidgeHead(feats.shape[1], 128, ridge=1.0), feats.repeat(2, 1), labels.repeat(2), tasks).state_dict()
+    assert set(once) == {"gram", "targets", "weight", "ridge"}  # the projection is regenerated from its seed
+    assert {k: v.shape for k, v in once.items()} == {k: v.shape for k, v in twice.items()}
+    assert once["gram"].shape == (128, 128) and once["targets"].shape == (128, 10)
+
+
+def test_ridge_is_chosen_on_the_first_task_and_then_kept(features, digits_tasks):
+    feats, labels = features
+    tasks = [list(digits_tasks.split.task_classes(t)) for t in range(digits_tasks.split.num_tasks)]
+    head = RidgeHead(feats.shape[1], 128)
+    fit(head, feats, labels, tasks[:1])
+    chosen = float(head.ridge)
+    assert chosen in RIDGE_CANDIDATES
+    fit(head, feats, labels, tasks[1:])
+    assert float(head.ridge) == chosen
+
+
+def test_a_restored_head_continues_exactly(features, digits_tasks):
+    """What the retrain flow does: load the saved sums, add only the new task."""
+    feats, labels = features
+    tasks = [list(digits_tasks.split.task_classes(t)) for t in range(digits_tasks.split.num_tasks)]
+    straight = fit(RidgeHead(feats.shape[1], 128, ridge=1.0), feats, labels, tasks)
+    saved = fit(RidgeHead(feats.shape[1], 128, ridge=1.0), feats, labels, tasks[:-1]).state_dict()
+    restored = RidgeHead(feats.shape[1], 128, ridge=1.0)
+    restored.load_grown_state(saved)
+    fit(restored, feats, labels, tasks[-1:])
+    torch.testing.assert_close(restored.weight, straight.weight)
