@@ -12,6 +12,7 @@ computed, not carried in a scheduler object.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -23,11 +24,13 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from promptcil.artifacts import ArtifactError, load_tensors, save_tensors
+from promptcil.artifacts import ArtifactError, load_tensors, save_tensors, verify
 from promptcil.config import TrainConfig
 from promptcil.data import ImageSet, TaskSplit, make_loader, subset
 from promptcil.model import IncrementalModel
 from promptcil.runtime import autocast_for, resolve_device
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "checkpoint"
 TASK_STATE_KIND = "task_state"
@@ -100,14 +103,23 @@ class IncrementalTrainer:
         """Train `tasks` (default: all) in order; train_set carries incremental labels."""
         tasks = list(range(self.split.num_tasks)) if tasks is None else tasks
         point = self._load_latest_checkpoint() if resume else None
+        if point is not None:
+            logger.info("resuming from %s: task %d, epoch %d", self.out_dir / "checkpoints", point.task, point.epoch)
         logs: list[TaskLog] = []
         with self._progress_bar() as bar:
             for task in tasks:
-                if point is not None and task < point.task:
+                if point is not None and task < point.task:  # done before the interruption
+                    logs.append(self._done_task_log(task))
                     continue
                 here = point if point is not None and point.task == task and point.epoch > 0 else None
                 logs.append(self._train_task(train_set, task, bar, here))
         return logs
+
+    def _done_task_log(self, task: int) -> TaskLog:
+        """A finished task's log, from its committed state, so a resumed run reports every task."""
+        meta = verify(task_state_path(self.out_dir, task))["metadata"]
+        return TaskLog(task=task, classes=list(self.split.task_classes(task)), samples=meta["train_samples"],
+                       epoch_losses=list(meta["epoch_losses"]))
 
     def _train_task(self, train_set: ImageSet, task: int, bar: Progress, point: "_ResumePoint | None") -> TaskLog:
         data = self.task_data(train_set, task)
@@ -231,7 +243,9 @@ class IncrementalTrainer:
         ckpt_dir = self.out_dir / "checkpoints"
         path = ckpt_dir / f"ckpt-t{task:03d}-e{epoch:03d}.safetensors"
         save_tensors(path, tensors, kind=CHECKPOINT_KIND, metadata=meta)
-        for old in ckpt_dir.glob("ckpt-*"):  # keep only the newest committed checkpoint
+        # keep only the newest committed checkpoint; manifests (the commit points) go first, so a kill
+        # in between leaves an uncommitted payload, never a manifest whose payload is gone
+        for old in sorted(ckpt_dir.glob("ckpt-*"), key=lambda p: p.suffix != ".json"):
             if old.stem != path.stem:
                 old.unlink(missing_ok=True)
 
