@@ -134,7 +134,7 @@ def test_flops_apt_vpt_l2p_against_plain(backbone, images):
         ({"train": {"epochs": 0}}, "train.epochs"),
         ({"trian": {}}, "trian"),
         ({"train": {"batch_size": "big"}}, "train.batch_size"),
-        ({"method": {"name": "apt"}, "head": {"name": "prototype"}}, "head.name"),
+        ({"head": {"ridge": {"projection_dim": 0}}}, "head.ridge.projection_dim"),
     ],
 )
 def test_bad_params_fail_with_one_line_naming_the_key(raw, key):

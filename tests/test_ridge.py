@@ -89,3 +89,63 @@ def test_a_restored_head_continues_exactly(features, digits_tasks):
     restored.load_grown_state(saved)
     fit(restored, feats, labels, tasks[-1:])
     torch.testing.assert_close(restored.weight, straight.weight)
+
+
+def _adapted_run(params, backbone, tasks, out, **options):
+    from promptcil.model import IncrementalModel
+    from promptcil.train import IncrementalTrainer
+
+    torch.manual_seed(params.train.seed)
+    model = IncrementalModel.from_params(params, backbone)
+    IncrementalTrainer(model, tasks.split, params.train, out, progress=False, **options).run(tasks.train)
+    return model
+
+
+def test_apt_with_ridge_adapts_on_the_first_task_then_the_head_is_exact(digits_tasks, tmp_path):
+    """RanPAC's first-session adaptation: APT trains on task 0 through a temporary linear head, then
+    stays fixed; the ridge head over all tasks equals one fitted once on the final model's features."""
+    from promptcil.train import load_task_state, task_state_path
+
+    from conftest import make_params
+
+    backbone = load_backbone(BackboneConfig(source="random", **TINY_BACKBONE), seed=0)
+    params = make_params(method={"name": "apt"}, head={"name": "ridge", "ridge": {"projection_dim": 128, "ridge": 1.0}})
+    model = _adapted_run(params, backbone, digits_tasks, tmp_path)
+    prompts = []
+    for t in range(digits_tasks.split.num_tasks):
+        load_task_state(model, task_state_path(tmp_path, t))
+        prompts.append(model.method.additive_cls_prompt.detach().clone())
+    from promptcil.model import IncrementalModel
+
+    torch.manual_seed(params.train.seed)
+    initial = IncrementalModel.from_params(params, backbone).method.additive_cls_prompt.detach()
+    assert not torch.allclose(prompts[0], initial)  # the prompt trained on the first task
+    model.method.attach()  # building `initial` claimed the shared backbone
+    assert all(torch.equal(prompts[0], p) for p in prompts[1:])  # frozen after the first task
+    model.eval()
+    with torch.no_grad():
+        feats = model.features(digits_tasks.train.images)
+    joint = fit(RidgeHead(feats.shape[1], 128, ridge=1.0), feats, digits_tasks.train.labels, [list(range(10))])
+    torch.testing.assert_close(model.head.weight, joint.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_first_session_adaptation_resumes_bit_identically(digits_tasks, tmp_path):
+    from conftest import make_params
+
+    backbone = load_backbone(BackboneConfig(source="random", **TINY_BACKBONE), seed=0)
+    params = make_params(method={"name": "apt"}, head={"name": "ridge", "ridge": {"projection_dim": 64, "ridge": 1.0}},
+                         train={"epochs": 2})
+    reference = _adapted_run(params, backbone, digits_tasks, tmp_path / "straight").trainable_state()
+
+    class Interrupted(Exception):
+        pass
+
+    def stop(task: int, epoch: int) -> None:
+        if (task, epoch) == (0, 0):
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        _adapted_run(params, backbone, digits_tasks, tmp_path / "resumed", on_epoch_end=stop)
+    resumed = _adapted_run(params, backbone, digits_tasks, tmp_path / "resumed").trainable_state()
+    assert reference.keys() == resumed.keys()
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)

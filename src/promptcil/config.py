@@ -146,7 +146,8 @@ class HeadConfig(Section):
         "linear",
         description="linear: grows per task, L2-normalised rows, old logits masked while a task trains; "
         "prototype: cosine to class means (nothing trained); ridge: RanPAC random projection + ridge regression "
-        "from running sums (exact, order-invariant).",
+        "from running sums (exact, order-invariant). With a prompt method, prototype and ridge heads get "
+        "first-session adaptation: the prompt trains on task 0 through a temporary linear head, then stays fixed.",
     )
     ridge: RidgeConfig = RidgeConfig()
 
@@ -211,15 +212,6 @@ class Params(Section):
     eval: EvalConfig = EvalConfig()
     registry: RegistryConfig = RegistryConfig()
     retrain: RetrainConfig = RetrainConfig()
-
-    @model_validator(mode="after")
-    def _check(self) -> "Params":
-        if self.method.name != "none" and self.head.name in ("prototype", "ridge"):
-            raise ValueError(
-                f"head.name: '{self.head.name}' has nothing to train prompts through; use 'linear' with method "
-                f"'{self.method.name}', or method 'none'"
-            )
-        return self
 
 
 def _format_error(err: ValidationError, source: str) -> str:

@@ -27,6 +27,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from promptcil.artifacts import ArtifactError, load_tensors, save_tensors, verify
 from promptcil.config import TrainConfig
 from promptcil.data import ImageSet, TaskSplit, make_loader, subset
+from promptcil.heads import Head
+from promptcil.heads.linear import LinearHead
 from promptcil.model import IncrementalModel
 from promptcil.runtime import autocast_for, resolve_device
 
@@ -133,8 +135,14 @@ class IncrementalTrainer:
             self.model.to(self.device)
         else:
             start_epoch, log.epoch_losses = point.epoch, list(point.epoch_losses)
-        params = self.model.trainable_parameters()
-        if not params:  # e.g. SimpleCIL: nothing to optimise, the head only observes
+        adapter = self._first_session_adapter(task, len(classes), point)
+        if adapter is not None:
+            params = list(self.model.method.parameters()) + list(adapter.parameters())
+        elif self.model.head.trainable:
+            params = self.model.trainable_parameters()
+        else:
+            params = []
+        if not params:  # SimpleCIL, or an analytic head after the first task: the head only observes
             self._finish_task(data, task, log, None)
             return log
         optimizer = self._make_optimizer(params)
@@ -144,15 +152,31 @@ class IncrementalTrainer:
         epochs = self.cfg.epochs
         bar_id = bar.add_task(f"task {task}", total=epochs * batches, completed=start_epoch * batches)
         for epoch in range(start_epoch, epochs):
-            log.epoch_losses.append(self._train_epoch(data, task, epoch, classes[0], optimizer, bar, bar_id))
+            log.epoch_losses.append(
+                self._train_epoch(data, task, epoch, classes[0], optimizer, bar, bar_id, adapter)
+            )
             if epoch + 1 == epochs:
                 self._finish_task(data, task, log, optimizer)
             else:
-                self._save_checkpoint(task, epoch + 1, False, optimizer, log.epoch_losses)
+                self._save_checkpoint(task, epoch + 1, False, optimizer, log.epoch_losses, adapter)
             if self.on_epoch_end is not None:
                 self.on_epoch_end(task, epoch)
         bar.remove_task(bar_id)
         return log
+
+    def _first_session_adapter(self, task: int, num_classes: int, point: "_ResumePoint | None") -> Head | None:
+        """A temporary linear head for training the prompt on the first task when the model's head is
+        analytic (prototype, ridge): RanPAC/APER's first-session adaptation. Afterwards the prompt is
+        only used, never trained, so the analytic head sees features that stay fixed across tasks."""
+        if self.model.head.trainable or task != 0 or not list(self.model.method.parameters()):
+            return None
+        adapter = LinearHead(self.model.method.embed_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(shuffle_seed(self.cfg.seed, task, -2))
+            adapter.add_classes(num_classes)
+        if point is not None and point.adapter_state:
+            adapter.load_grown_state(point.adapter_state)
+        return adapter.to(self.device)
 
     def _finish_task(self, data: ImageSet, task: int, log: TaskLog, optimizer: torch.optim.Optimizer | None) -> None:
         """Close the task, then commit its state BEFORE the checkpoint that marks it done."""
@@ -160,8 +184,9 @@ class IncrementalTrainer:
         self._save_task_state(task, log)
         self._save_checkpoint(task, self.cfg.epochs if optimizer else 0, True, None, log.epoch_losses)
 
-    def _train_epoch(self, data, task, epoch, first_class, optimizer, bar, bar_id) -> float:
+    def _train_epoch(self, data, task, epoch, first_class, optimizer, bar, bar_id, adapter=None) -> float:
         self.model.train()
+        head = self.model.head if adapter is None else adapter
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(self.cfg, epoch)
         total = torch.zeros((), device=self.device)
@@ -170,8 +195,8 @@ class IncrementalTrainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with autocast_for(self.device):
-                logits = self.model(images).float()
-                if first_class > 0 and self.model.head.trainable:
+                logits = head(self.model.features(images)).float()
+                if first_class > 0:
                     # earlier tasks' classes take no part in this task's softmax
                     logits = logits.masked_fill(
                         torch.arange(logits.shape[1], device=self.device) < first_class, float("-inf")
@@ -233,9 +258,17 @@ class IncrementalTrainer:
         )
 
     def _save_checkpoint(
-        self, task: int, epoch: int, task_done: bool, optimizer: torch.optim.Optimizer | None, losses: list[float]
+        self,
+        task: int,
+        epoch: int,
+        task_done: bool,
+        optimizer: torch.optim.Optimizer | None,
+        losses: list[float],
+        adapter: Head | None = None,
     ) -> None:
         tensors = {f"model.{k}": v for k, v in self.model.trainable_state().items()}
+        if adapter is not None:
+            tensors |= {f"adapter.{k}": v.detach().clone() for k, v in adapter.state_dict().items()}
         meta: dict[str, Any] = {"task": task, "epoch": epoch, "task_done": task_done, "epoch_losses": losses}
         if optimizer is not None and not task_done:
             opt_tensors, meta["optimizer"] = _split_optimizer_state(optimizer.state_dict())
@@ -266,9 +299,10 @@ class IncrementalTrainer:
             self.model.load_trainable_state(model_state)
             self.model.to(self.device)
             if meta["task_done"]:
-                return _ResumePoint(task + 1, 0, None, [])
+                return _ResumePoint(task + 1, 0, None, [], {})
             optimizer_state = _join_optimizer_state(tensors, meta["optimizer"])
-            return _ResumePoint(task, meta["epoch"], optimizer_state, meta["epoch_losses"])
+            adapter_state = {k.removeprefix("adapter."): v for k, v in tensors.items() if k.startswith("adapter.")}
+            return _ResumePoint(task, meta["epoch"], optimizer_state, meta["epoch_losses"], adapter_state)
         return None
 
 
@@ -278,6 +312,7 @@ class _ResumePoint:
     epoch: int  # epochs of `task` already done
     optimizer_state: dict[str, Any] | None
     epoch_losses: list[float]
+    adapter_state: dict[str, torch.Tensor]  # first-session adaptation's temporary head, mid-task
 
 
 def _split_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
