@@ -89,3 +89,67 @@ def test_new_class_becomes_one_new_task_and_second_run_is_a_noop(project, prefec
         again = retrain()
     assert again == {"status": "already registered", "version": result["version"], "champion": "1"}
     assert len(client.search_model_versions("name='promptcil'")) == 2
+
+
+def write_digits_tree(root: Path, classes: list[int], train_images: dict[int, list] | None = None) -> None:
+    """Real digits as an ImageFolder tree of 8x8 PNGs (stratified split of scikit-learn's digits)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    train_x, test_x, train_y, test_y = train_test_split(images, digits.target, test_size=0.25, random_state=0,
+                                                        stratify=digits.target)
+    for split, xs, ys in (("train", train_x, train_y), ("test", test_x, test_y)):
+        for c in classes:
+            folder = root / split / str(c)
+            folder.mkdir(parents=True, exist_ok=True)
+            chosen = train_images[c] if split == "train" and train_images and c in train_images else xs[ys == c]
+            for i, image in enumerate(chosen):
+                Image.fromarray(np.asarray(image)).save(folder / f"{i}.png")
+
+
+def test_retrained_ridge_head_equals_a_from_scratch_run_on_all_classes(tmp_path, monkeypatch, prefect_harness):
+    """The ridge head's sums restored from the champion plus the new class's sums are exactly the
+    head of a run that saw every class from the start (fixed features: no prompt, seeded backbone)."""
+    import numpy as np
+    import torch
+
+    from promptcil.incoming import read_incoming
+    from promptcil.data import ImageSet
+
+    head = {"name": "ridge", "ridge": {"projection_dim": 64, "ridge": 1.0}}
+    common = dict(method={"name": "none"}, head=head, backbone={"source": "random"})
+    # the champion: digits 0-7 as B2 + 3 tasks of 2; digit 8 arrives later through incoming/
+    old = tmp_path / "old"
+    write_digits_tree(old / "images", list(range(8)))
+    write_params(old, data={"source": "imagefolder", "root": str(old / "images"), "image_size": 8,
+                            "base_classes": 2, "classes_per_task": 2, "class_order": list(range(8))}, **common)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{old / 'mlflow.db'}")
+    first = run_stages(old)["registration"]
+    tracking.configure()
+    tracking.approve("promptcil", first["version"], reviewer="test")
+    write_digits_tree(old / "incoming_tree", [8])
+    (old / "incoming").mkdir()
+    shutil.move(old / "incoming_tree" / "train" / "8", old / "incoming" / "8")
+    with chdir(old):
+        result = load_retrain_flow()()
+    assert result["status"] == "registered"
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}", dst_path=str(tmp_path / "dl")))
+    retrained, _ = load_tensors(next(local.glob("artifacts/task_*.safetensors")), kind="task_state")
+
+    # from scratch: every class from the start, digit 8 with exactly the images the retrain trained on
+    like = ImageSet(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.tensor([0]), ["0"])
+    incoming, _ = read_incoming(old / "incoming", [str(c) for c in range(8)], like, 0.25, seed=0)
+    fresh = tmp_path / "fresh"
+    write_digits_tree(fresh / "images", list(range(9)),
+                      train_images={8: [np.asarray(img).transpose(1, 2, 0) for img in incoming.train.images]})
+    write_params(fresh, data={"source": "imagefolder", "root": str(fresh / "images"), "image_size": 8,
+                              "base_classes": 3, "classes_per_task": 3, "class_order": list(range(9))}, **common)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{fresh / 'mlflow.db'}")
+    run_stages(fresh)
+    scratch, _ = load_tensors(fresh / "outputs" / "train" / "task_02.safetensors", kind="task_state")
+    for key in ("head.gram", "head.targets"):
+        torch.testing.assert_close(retrained[key], scratch[key], rtol=1e-9, atol=1e-6)
+    torch.testing.assert_close(retrained["head.weight"], scratch["head.weight"], rtol=1e-4, atol=1e-5)
