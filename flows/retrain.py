@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry calls
@@ -28,15 +27,13 @@ from prefect import flow, get_run_logger, task  # noqa: E402
 
 from promptcil import tracking  # noqa: E402
 from promptcil.artifacts import load_tensors, read_json, save_tensors, write_json  # noqa: E402
-from promptcil.backbone import load_backbone  # noqa: E402
 from promptcil.config import load_params  # noqa: E402
 from promptcil.data import ImageSet, TaskSplit  # noqa: E402
 from promptcil.evaluation import accuracy_row  # noqa: E402
 from promptcil.incoming import read_incoming  # noqa: E402
 from promptcil.metrics import summarize  # noqa: E402
-from promptcil.model import IncrementalModel  # noqa: E402
 from promptcil.runtime import resolve_device  # noqa: E402
-from promptcil.train import IncrementalTrainer, load_task_state, task_state_path  # noqa: E402
+from promptcil.train import IncrementalTrainer, task_state_path  # noqa: E402
 
 import promptcil.serving  # noqa: E402
 
@@ -89,11 +86,9 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
     logger.info("new task %d: classes %s (%d training images)", new_task, incoming.names, len(incoming.train))
 
     device = resolve_device(champion_params.train.device)
-    weights = champ / "backbone" / "weights.safetensors"
-    backbone = load_backbone(champion_params.backbone, weights=weights if weights.exists() else None,
-                             seed=champion_params.train.seed)
-    model = IncrementalModel.from_params(champion_params, backbone)
-    load_task_state(model, champ / f"task_{split.num_tasks - 1:02d}.safetensors")
+    model = promptcil.serving.load_version_model(
+        champion_params, champ / "backbone", task_state_path(champ, split.num_tasks - 1)
+    )
     new_train = ImageSet(incoming.train.images, incoming.train.labels + seen, incoming.names)
     IncrementalTrainer(model, grown, champion_params.train, run_dir, device, progress=progress).run(
         new_train, tasks=[new_task], resume=True
@@ -124,12 +119,10 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
         artifact_dirs={"evaluate": out},
         tags={"retrained_from": version, "new_classes": json.dumps(incoming.names)},
         model_code=Path(promptcil.serving.__file__),
-        model_artifacts={
-            "params": str(champ / "params.yaml"), "backbone": str(champ / "backbone"),
-            "task_state": str(state), "task_state_manifest": str(state.with_suffix(".json")),
-            "tasks": str(out / "tasks.json"), "eval_set": str(out / "test.safetensors"),
-            "eval_set_manifest": str(out / "test.json"), "metrics": str(out / "metrics.json"),
-        },
+        model_artifacts=promptcil.serving.version_artifacts(
+            params=champ / "params.yaml", backbone=champ / "backbone", task_state=state,
+            tasks=out / "tasks.json", eval_set=out / "test.safetensors", metrics=out / "metrics.json",
+        ),
     )
     logger.info("registered %s version %s (review=pending); A_last %.3f", name, registered["version"], metrics["A_last"])
     return {"status": "registered", "new_classes": incoming.names, "A_last": metrics["A_last"], **registered}
@@ -137,8 +130,9 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
 
 def _candidate_for(model_name: str, champion: str, new_classes: list[str]):
     """A registered, not rejected version already retrained from `champion` on exactly `new_classes`."""
-    for mv in MlflowClient().search_model_versions(f"name='{model_name}'"):
-        run_tags = MlflowClient().get_run(mv.run_id).data.tags if mv.run_id else {}
+    client = MlflowClient()
+    for mv in client.search_model_versions(f"name='{model_name}'"):
+        run_tags = client.get_run(mv.run_id).data.tags if mv.run_id else {}
         if (run_tags.get("retrained_from") == champion and run_tags.get("new_classes") == json.dumps(new_classes)
                 and mv.tags.get("review") != "rejected"):
             return mv

@@ -49,10 +49,5 @@ def image_set(split: str, prepare_dir: Path = PREPARE) -> ImageSet:
     return ImageSet(tensors["images"], tensors["labels"], manifest["metadata"]["class_names"])
 
 
-def backbone_weights(backbone_dir: Path = BACKBONE) -> Path | None:
-    weights = backbone_dir / "weights.safetensors"
-    return weights if weights.exists() else None
-
-
 def device_for(p: Params) -> torch.device:
     return resolve_device(p.train.device)

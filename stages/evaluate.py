@@ -6,12 +6,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
 from promptcil.artifacts import write_json
 from promptcil.evaluation import accuracy_matrix
-from promptcil.plots import accuracy_after_task_png, accuracy_matrix_png
 from promptcil.metrics import count_parameters, gflops_per_image, summarize
+from promptcil.plots import accuracy_after_task_png, accuracy_matrix_png
 from promptcil.train import load_task_state, task_state_path
 
 from stages.common import EVALUATE, TRAIN, device_for, image_set, params, run_stage, task_split
@@ -24,11 +22,12 @@ def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, trai
     device = device_for(p)
     model = build_model(p, device, init=False)  # every task state holds the whole prompt
     states = [task_state_path(train_dir, t) for t in range(split.num_tasks)]
-    matrix, counts = accuracy_matrix(model, states, image_set("test"), split, p.eval.batch_size, device)
+    test = image_set("test")
+    matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
     metrics = summarize(matrix, counts)
     load_task_state(model, states[-1])
     model.eval()
-    example = image_set("test").images[:8].to(device)
+    example = test.images[:8].to(device)
     model.method.detach()  # the plain backbone's cost, for the ratio
     plain_gflops = gflops_per_image(lambda x: model.backbone.forward_features(model.preprocess(x)), example)
     model.method.attach()

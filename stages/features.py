@@ -7,17 +7,17 @@ import sys
 from pathlib import Path
 
 from promptcil.artifacts import save_tensors
-from promptcil.backbone import load_backbone
+from promptcil.backbone import load_recorded_backbone
 from promptcil.features import backbone_statistics
 
-from stages.common import FEATURES, backbone_weights, device_for, image_set, params, run_stage
+from stages.common import BACKBONE, FEATURES, device_for, image_set, params, run_stage
 
 FEATURES_KIND = "features"
 
 
 def features(params_path: str | Path = "params.yaml", out: Path = FEATURES) -> dict:
     p = params(params_path)
-    backbone = load_backbone(p.backbone, weights=backbone_weights(), seed=p.train.seed)
+    backbone = load_recorded_backbone(p.backbone, BACKBONE, seed=p.train.seed)
     stats = backbone_statistics(backbone, image_set("train"), p.eval.batch_size, device_for(p))
     manifest = save_tensors(out / "features.safetensors", stats, kind=FEATURES_KIND)
     return {"samples": len(stats["labels"]), "sha256": manifest["sha256"]}

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from promptcil.artifacts import save_tensors, write_json
-from promptcil.backbone import BACKBONE_KIND, load_backbone, weights_fingerprint
+from promptcil.backbone import BACKBONE_KIND, WEIGHTS_FILE, load_backbone, weights_fingerprint
 from promptcil.data import subset
 from promptcil.pretrain import pretrain_backbone
 
@@ -24,7 +24,7 @@ def pretrain(params_path: str | Path = "params.yaml", out: Path = BACKBONE, prog
         started = time.perf_counter()
         model, losses = pretrain_backbone(p.backbone, base, device_for(p), seed=p.train.seed, progress=progress)
         info |= {"train_images": len(base), "epoch_losses": losses, "seconds": time.perf_counter() - started}
-        save_tensors(out / "weights.safetensors", model.state_dict(), kind=BACKBONE_KIND,
+        save_tensors(out / WEIGHTS_FILE, model.state_dict(), kind=BACKBONE_KIND,
                      metadata={"name": p.backbone.name})
     else:
         model = load_backbone(p.backbone, seed=p.train.seed)

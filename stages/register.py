@@ -49,18 +49,14 @@ def register(params_path: str | Path = "params.yaml", out: Path = REGISTER) -> d
             "dvc_data_md5": _dvc_data_hash(),
         },
         model_code=Path(promptcil.serving.__file__),
-        model_artifacts={
-            "params": str(Path(params_path)),
-            "backbone": str(BACKBONE),
-            "task_state": str(task_state_path(TRAIN, last)),
-            "task_state_manifest": str(task_state_path(TRAIN, last).with_suffix(".json")),
-            "tasks": str(PREPARE / "tasks.json"),
-            # held-out test images (never training data) travel with the version, so a retrain can
-            # evaluate on every class seen without the pipeline's folders
-            "eval_set": str(PREPARE / "test.safetensors"),
-            "eval_set_manifest": str(PREPARE / "test.json"),
-            "metrics": str(EVALUATE / "metrics.json"),
-        },
+        model_artifacts=promptcil.serving.version_artifacts(
+            params=Path(params_path),
+            backbone=BACKBONE,
+            task_state=task_state_path(TRAIN, last),
+            tasks=PREPARE / "tasks.json",
+            eval_set=PREPARE / "test.safetensors",
+            metrics=EVALUATE / "metrics.json",
+        ),
     )
     result["tracking_uri"] = uri
     write_json(out / "registration.json", result)

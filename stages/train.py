@@ -8,19 +8,19 @@ from pathlib import Path
 import torch
 
 from promptcil.artifacts import load_tensors, write_json
-from promptcil.backbone import load_backbone
+from promptcil.backbone import load_recorded_backbone
 from promptcil.model import IncrementalModel
 from promptcil.train import IncrementalTrainer
 
 from stages.common import (
-    PROMPT_INIT, TRAIN, backbone_weights, device_for, image_set, params, run_stage, task_split,
+    BACKBONE, PROMPT_INIT, TRAIN, device_for, image_set, params, run_stage, task_split,
 )
 
 
 def build_model(p, device: torch.device | None = None, init: bool = True) -> IncrementalModel:
     """The model the pipeline trains and evaluates: params' method and head on the recorded backbone,
     the prompt starting from the prompt_init stage's artifact (`init=False`: the seeded random init)."""
-    backbone = load_backbone(p.backbone, weights=backbone_weights(), seed=p.train.seed)
+    backbone = load_recorded_backbone(p.backbone, BACKBONE, seed=p.train.seed)
     torch.manual_seed(p.train.seed)
     model = IncrementalModel.from_params(p, backbone)
     if init:

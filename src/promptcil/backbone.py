@@ -21,6 +21,7 @@ from promptcil.artifacts import load_tensors, load_weights_file
 from promptcil.config import BackboneConfig
 
 BACKBONE_KIND = "backbone"
+WEIGHTS_FILE = "weights.safetensors"  # inside a backbone folder: the pretrain stage's output
 
 
 class BackboneError(ValueError):
@@ -105,6 +106,18 @@ def load_backbone(cfg: BackboneConfig, weights: Path | None = None, seed: int = 
     return freeze(model)
 
 
+def load_recorded_backbone(cfg: BackboneConfig, folder: Path, seed: int = 0) -> VisionTransformer:
+    """The backbone a pipeline run recorded in `folder` (the pretrain stage's output, or its copy in a
+    registry version): the weights trained there when it holds them, else the source named in `cfg`."""
+    weights = folder / WEIGHTS_FILE
+    return load_backbone(cfg, weights=weights if weights.is_file() else None, seed=seed)
+
+
+def embed_tokens(model: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """Patch embedding + CLS + positions: the tokens entering block 0, as timm's forward_features starts."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+
+
 def weights_fingerprint(model: torch.nn.Module) -> str:
     """sha256 over the backbone's tensors, so a run records exactly which weights it prompted."""
     digest = hashlib.sha256()
@@ -116,10 +129,13 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 __all__ = [
     "BACKBONE_KIND",
+    "WEIGHTS_FILE",
     "BackboneError",
     "create_vit",
+    "embed_tokens",
     "freeze",
     "load_backbone",
+    "load_recorded_backbone",
     "load_state",
     "model_kwargs",
     "weights_fingerprint",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from promptcil.backbone import embed_tokens
 from promptcil.data import DevicePreprocess, ImageSet, make_loader
 from promptcil.runtime import autocast_for
 
@@ -26,9 +27,7 @@ def backbone_statistics(
     prefix = backbone.num_prefix_tokens
     for images, _ in make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda"):
         with autocast_for(device):
-            tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(
-                backbone.patch_embed(preprocess(images.to(device, non_blocking=True)))
-            )))
+            tokens = embed_tokens(backbone, preprocess(images.to(device, non_blocking=True)))
             entering = []
             for block in backbone.blocks:
                 entering.append(tokens[:, prefix:].mean(dim=1))

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
+from promptcil.backbone import embed_tokens
 from promptcil.config import MethodConfig
 
 _OWNER = "_promptcil_prompt_method"  # backbone attribute: weak reference to the attached method
@@ -116,8 +117,7 @@ class PromptMethod(nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch embedding + CLS + positions, exactly as timm's forward_features starts."""
-        bb = self.backbone
-        return bb.norm_pre(bb.patch_drop(bb._pos_embed(bb.patch_embed(images))))
+        return embed_tokens(self.backbone, images)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Prompted CLS features (B, D) of normalised images; sets `aux_loss` if the method has one."""
