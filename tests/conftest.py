@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import chdir
 from dataclasses import dataclass
 
 import pytest
@@ -9,7 +10,9 @@ import torch
 
 from promptcil.config import Params, parse_params
 from promptcil.data import ImageSet, TaskSplit, load_split, make_task_split, subset
+from promptcil.model import IncrementalModel
 from promptcil.pretrain import pretrain_backbone
+from promptcil.train import IncrementalTrainer
 
 torch.set_num_threads(2)
 
@@ -29,6 +32,31 @@ class DigitsTasks:
     split: TaskSplit
     train: ImageSet  # incremental labels
     test: ImageSet
+
+
+def build_model(params: Params, backbone) -> IncrementalModel:
+    """The model a run starts from: the prompt's initial values come from train.seed."""
+    torch.manual_seed(params.train.seed)
+    return IncrementalModel.from_params(params, backbone)
+
+
+def train_run(params: Params, backbone, tasks: "DigitsTasks", out, **trainer_options) -> IncrementalModel:
+    """Build a model and train every task of `tasks` in `out` (resuming from its checkpoints)."""
+    model = build_model(params, backbone)
+    IncrementalTrainer(model, tasks.split, params.train, out, progress=False, **trainer_options).run(tasks.train)
+    return model
+
+
+class Interrupted(Exception):
+    """Raised from a trainer's on_epoch_end callback to stop a run as a crash would."""
+
+
+def interrupt_after(task: int, epoch: int):
+    def stop(at_task: int, at_epoch: int) -> None:
+        if (at_task, at_epoch) == (task, epoch):
+            raise Interrupted
+
+    return stop
 
 
 @pytest.fixture(scope="session")
@@ -72,18 +100,13 @@ def write_params(project, **overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
 
 
-def run_stages(project, progress: bool = False) -> dict:
-    """Every stage function in order inside `project` (what `dvc repro` and the flow run)."""
-    from contextlib import chdir
-
-    from stages.evaluate import evaluate
+def run_stages_before_train(project, progress: bool = False) -> None:
+    """prepare → pretrain → features → prototypes → prompt_init inside `project`."""
     from stages.features import features
     from stages.prepare import prepare
     from stages.pretrain import pretrain
     from stages.prompt_init import prompt_init
     from stages.prototypes import prototypes
-    from stages.register import register
-    from stages.train import train
 
     with chdir(project):
         prepare()
@@ -91,6 +114,16 @@ def run_stages(project, progress: bool = False) -> dict:
         features()
         prototypes()
         prompt_init()
+
+
+def run_stages(project, progress: bool = False) -> dict:
+    """Every stage function in order inside `project` (what `dvc repro` and the flow run)."""
+    from stages.evaluate import evaluate
+    from stages.register import register
+    from stages.train import train
+
+    run_stages_before_train(project, progress)
+    with chdir(project):
         train(progress=progress)
         metrics = evaluate()
         registration = register()

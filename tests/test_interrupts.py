@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import chdir, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from promptcil import tracking
 from promptcil.artifacts import ArtifactError, load_tensors, manifest_path, sha256_file
 from promptcil.config import load_params
 
-from conftest import REPO, run_stages, write_params
+from conftest import REPO, run_stages, run_stages_before_train, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -153,21 +153,6 @@ def tree_hashes(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- 1. train stage killed mid-run
-def run_stages_before_train(project: Path) -> None:
-    from stages.features import features
-    from stages.prepare import prepare
-    from stages.pretrain import pretrain
-    from stages.prompt_init import prompt_init
-    from stages.prototypes import prototypes
-
-    with chdir(project):
-        prepare()
-        pretrain(progress=False)
-        features()
-        prototypes()
-        prompt_init()
-
-
 def task_manifests(train_dir: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted(train_dir.glob("task_*.json"))}
 

@@ -10,7 +10,7 @@ from promptcil.config import BackboneConfig
 from promptcil.features import backbone_statistics
 from promptcil.heads.ridge import RIDGE_CANDIDATES, RidgeHead
 
-from conftest import TINY_BACKBONE, DigitsTasks
+from conftest import TINY_BACKBONE, DigitsTasks, Interrupted, build_model, interrupt_after, make_params, train_run
 
 
 @pytest.fixture(scope="module")
@@ -91,34 +91,19 @@ def test_a_restored_head_continues_exactly(features, digits_tasks):
     torch.testing.assert_close(restored.weight, straight.weight)
 
 
-def _adapted_run(params, backbone, tasks, out, **options):
-    from promptcil.model import IncrementalModel
-    from promptcil.train import IncrementalTrainer
-
-    torch.manual_seed(params.train.seed)
-    model = IncrementalModel.from_params(params, backbone)
-    IncrementalTrainer(model, tasks.split, params.train, out, progress=False, **options).run(tasks.train)
-    return model
-
-
 def test_apt_with_ridge_adapts_on_the_first_task_then_the_head_is_exact(digits_tasks, tmp_path):
     """RanPAC's first-session adaptation: APT trains on task 0 through a temporary linear head, then
     stays fixed; the ridge head over all tasks equals one fitted once on the final model's features."""
     from promptcil.train import load_task_state, task_state_path
 
-    from conftest import make_params
-
     backbone = load_backbone(BackboneConfig(source="random", **TINY_BACKBONE), seed=0)
     params = make_params(method={"name": "apt"}, head={"name": "ridge", "ridge": {"projection_dim": 128, "ridge": 1.0}})
-    model = _adapted_run(params, backbone, digits_tasks, tmp_path)
+    model = train_run(params, backbone, digits_tasks, tmp_path)
     prompts = []
     for t in range(digits_tasks.split.num_tasks):
         load_task_state(model, task_state_path(tmp_path, t))
         prompts.append(model.method.additive_cls_prompt.detach().clone())
-    from promptcil.model import IncrementalModel
-
-    torch.manual_seed(params.train.seed)
-    initial = IncrementalModel.from_params(params, backbone).method.additive_cls_prompt.detach()
+    initial = build_model(params, backbone).method.additive_cls_prompt.detach()
     assert not torch.allclose(prompts[0], initial)  # the prompt trained on the first task
     model.method.attach()  # building `initial` claimed the shared backbone
     assert all(torch.equal(prompts[0], p) for p in prompts[1:])  # frozen after the first task
@@ -130,22 +115,13 @@ def test_apt_with_ridge_adapts_on_the_first_task_then_the_head_is_exact(digits_t
 
 
 def test_first_session_adaptation_resumes_bit_identically(digits_tasks, tmp_path):
-    from conftest import make_params
-
     backbone = load_backbone(BackboneConfig(source="random", **TINY_BACKBONE), seed=0)
     params = make_params(method={"name": "apt"}, head={"name": "ridge", "ridge": {"projection_dim": 64, "ridge": 1.0}},
                          train={"epochs": 2})
-    reference = _adapted_run(params, backbone, digits_tasks, tmp_path / "straight").trainable_state()
-
-    class Interrupted(Exception):
-        pass
-
-    def stop(task: int, epoch: int) -> None:
-        if (task, epoch) == (0, 0):
-            raise Interrupted
+    reference = train_run(params, backbone, digits_tasks, tmp_path / "straight").trainable_state()
 
     with pytest.raises(Interrupted):
-        _adapted_run(params, backbone, digits_tasks, tmp_path / "resumed", on_epoch_end=stop)
-    resumed = _adapted_run(params, backbone, digits_tasks, tmp_path / "resumed").trainable_state()
+        train_run(params, backbone, digits_tasks, tmp_path / "resumed", on_epoch_end=interrupt_after(0, 0))
+    resumed = train_run(params, backbone, digits_tasks, tmp_path / "resumed").trainable_state()
     assert reference.keys() == resumed.keys()
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)

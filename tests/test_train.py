@@ -15,18 +15,9 @@ from promptcil.metrics import summarize
 from promptcil.model import IncrementalModel
 from promptcil.train import IncrementalTrainer, task_state_path
 
-from conftest import TINY_BACKBONE, DigitsTasks, make_params
-
-
-def build(params, backbone) -> IncrementalModel:
-    torch.manual_seed(params.train.seed)
-    return IncrementalModel.from_params(params, backbone)
-
-
-def run(params, backbone, tasks: DigitsTasks, out: Path, **trainer_options) -> IncrementalModel:
-    model = build(params, backbone)
-    IncrementalTrainer(model, tasks.split, params.train, out, progress=False, **trainer_options).run(tasks.train)
-    return model
+from conftest import TINY_BACKBONE, DigitsTasks, Interrupted, interrupt_after, make_params
+from conftest import build_model as build
+from conftest import train_run as run
 
 
 def evaluate(model: IncrementalModel, tasks: DigitsTasks, out: Path) -> dict:
@@ -82,15 +73,8 @@ def test_resume_after_an_interrupted_epoch_ends_identical(random_backbone, digit
     params = make_params(method={"name": "apt"}, train={"epochs": 2})
     reference = run(params, random_backbone, digits_tasks, tmp_path / "straight").trainable_state()
 
-    class Interrupted(Exception):
-        pass
-
-    def stop_after_first_epoch_of_task_2(task: int, epoch: int) -> None:
-        if (task, epoch) == (2, 0):
-            raise Interrupted
-
     with pytest.raises(Interrupted):
-        run(params, random_backbone, digits_tasks, tmp_path / "resumed", on_epoch_end=stop_after_first_epoch_of_task_2)
+        run(params, random_backbone, digits_tasks, tmp_path / "resumed", on_epoch_end=interrupt_after(2, 0))
     assert not task_state_path(tmp_path / "resumed", 2).exists()
     resumed = run(params, random_backbone, digits_tasks, tmp_path / "resumed").trainable_state()
     assert reference.keys() == resumed.keys()
