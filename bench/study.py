@@ -1,295 +1,32 @@
-"""A grid of pipeline runs on the fidelity protocols, with the pipeline's own stage functions.
+"""The command line the bench/ studies share: a grid of pipeline runs, in this process.
 
-Every study in bench/ (heads, initialisation, SHIP, DePT, fidelity) is a grid of
-variants (params overrides) x protocols (presets from configs/) x seeds. Per
-protocol the stages that do not depend on the variant (prepare, pretrain,
-features, prototypes) run once, with the protocol's params and seed 0: the
-backbone is the same for every variant and seed, so differences between rows
-are the method's, not the backbone's. Per run, prompt_init, train and evaluate
-run in their own folder whose outputs/ links to the shared stages' outputs,
-exactly the files `dvc repro` would produce. A finished run is not run again
-(its result.json is kept), so an interrupted study continues where it stopped.
-
-Only promptcil and stages/ are imported (no MLflow, Prefect or DVC): the study
-runs on the device machine, which has none of them.
+Every study here (heads, initialisation, SHIP, DePT) is a grid of variants x protocols x
+seeds run by stages/grid.py, the machinery the Prefect study flow (flows/study.py) uses
+too. Here the runs go one after another in this process, with no MLflow or Prefect: what
+a device machine without them, or a quick look on a laptop, needs. The fidelity study
+(issue 10) runs through the product's flow instead: `python flows/study.py
+configs/studies/fidelity.yaml`.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import re
-import shutil
-import statistics
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # stages/ is a sibling package of src/
 
-import torch  # noqa: E402
-
-from promptcil.artifacts import load_tensors, read_json  # noqa: E402
-from promptcil.config import deep_merge, merged_params, parse_params  # noqa: E402
-
-PROTOCOLS: dict[str, list[str]] = {
-    "digits": [],  # params.yaml as it is: digits B4 + 3 tasks of 2, tiny ViT (CPU)
-    "fashion-mnist-b4inc2": ["configs/fashion-mnist-b4inc2.yaml"],
-    "cross-fmnist-digits": ["configs/cross-fmnist-digits.yaml"],
-}
-SHARED_STAGES = ("prepare", "backbone", "features", "prototypes")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of a study: a name and the params it changes."""
-
-    name: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-
-
-@contextmanager
-def working_directory(path: Path) -> Iterator[None]:
-    """Stages read and write outputs/ relative to the working directory, as under `dvc repro`."""
-    previous = Path.cwd()
-    path.mkdir(parents=True, exist_ok=True)
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} threads)"
-
-
-def protocol_params(protocol: str, common: dict[str, Any]) -> dict[str, Any]:
-    if protocol not in PROTOCOLS:
-        raise SystemExit(f"error: unknown protocol '{protocol}' (known: {', '.join(PROTOCOLS)})")
-    presets = [REPO / p for p in PROTOCOLS[protocol]]
-    return deep_merge(merged_params(REPO / "params.yaml", *presets), common)
-
-
-def write_params(folder: Path, raw: dict[str, Any]) -> None:
-    import yaml
-
-    parse_params(raw, str(folder / "params.yaml"))  # a bad override fails before any work
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-
-
-def prepare_protocol(
-    folder: Path, raw: dict[str, Any], progress: bool, backbone_cache: Path | None = None
-) -> dict[str, Any]:
-    """The variant-independent stages, once per protocol; returns pretraining facts. With `backbone_cache`
-    (a folder named by what the pretraining depends on), a backbone found there is copied instead of
-    pretrained again, and a new one is kept there."""
-    from stages.features import features
-    from stages.prepare import prepare
-    from stages.pretrain import pretrain
-    from stages.prototypes import prototypes
-
-    done = folder / "outputs" / "prototypes" / "prototypes.safetensors"
-    with working_directory(folder):
-        if not done.exists():
-            write_params(folder, deep_merge(raw, {"train": {"seed": 0}}))
-            prepare()
-            if backbone_cache is not None and (backbone_cache / "backbone.json").exists():
-                shutil.copytree(backbone_cache, "outputs/backbone", dirs_exist_ok=True)
-            else:
-                pretrain(progress=progress)
-                if backbone_cache is not None:
-                    shutil.copytree("outputs/backbone", backbone_cache, dirs_exist_ok=True)
-            features()
-            prototypes()
-        return read_json(Path("outputs/backbone/backbone.json"))
-
-
-def head_bytes(task_state: Path) -> int:
-    """What the head keeps between tasks (for the ridge head: its float64 running sums)."""
-    tensors, _ = load_tensors(task_state, kind="task_state")
-    return sum(t.numel() * t.element_size() for name, t in tensors.items() if name.startswith("head."))
-
-
-def first_epoch_accuracy(state: dict[str, torch.Tensor]) -> float:
-    """Task 0's test accuracy of the model state committed after task 0's first epoch (in a run folder)."""
-    from promptcil.data import subset
-    from promptcil.evaluation import predict
-
-    from stages.common import device_for, image_set, params, task_split
-    from stages.train import build_model
-
-    p = params()
-    model = build_model(p, init=False)
-    model.load_trainable_state(state)
-    test = subset(image_set("test"), list(task_split().task_classes(0)))
-    return float((predict(model, test, p.eval.batch_size, device_for(p)) == test.labels).float().mean())
-
-
-def run_variant(
-    run_dir: Path, shared: Path, raw: dict[str, Any], progress: bool, probe_first_epoch: bool = False
-) -> dict[str, Any]:
-    """prompt_init, train and evaluate in `run_dir`; with `probe_first_epoch` (trained heads only) also
-    task 0's test accuracy after its first epoch."""
-    from stages.evaluate import evaluate
-    from stages.prompt_init import prompt_init
-    from stages.train import train
-
-    result_file = run_dir / "result.json"
-    if result_file.exists():
-        return json.loads(result_file.read_text())
-    write_params(run_dir, raw)
-    outputs = run_dir / "outputs"
-    outputs.mkdir(parents=True, exist_ok=True)
-    for stage in SHARED_STAGES:
-        link = outputs / stage
-        if not link.exists():
-            link.symlink_to(shared / "outputs" / stage, target_is_directory=True)
-    with working_directory(run_dir):
-        started = time.perf_counter()
-        prompt_init()
-        after_first_epoch: dict[str, torch.Tensor] = {}
-
-        def keep_first_epoch(task: int, epoch: int) -> None:
-            if probe_first_epoch and (task, epoch) == (0, 0):
-                checkpoint = next(Path("outputs/train/checkpoints").glob("ckpt-*.safetensors"))
-                tensors, _ = load_tensors(checkpoint, kind="checkpoint")
-                after_first_epoch.update({k.removeprefix("model."): v for k, v in tensors.items()
-                                          if k.startswith("model.")})
-
-        log = train(progress=progress, on_epoch_end=keep_first_epoch)
-        metrics = evaluate()
-        seconds = time.perf_counter() - started
-        last_state = sorted(Path("outputs/train").glob("task_*.safetensors"))[-1]
-        result = {
-            "A_last": metrics["A_last"],
-            "A_avg": metrics["A_avg"],
-            "forgetting": metrics["forgetting"],
-            "accuracy_matrix": metrics["accuracy_matrix"],
-            **{key: metrics.get(key) for key in ("base_avg", "new_avg", "HM_avg", "base_after_task",
-                                                 "new_after_task", "HM_after_task")},
-            "gflops_per_image": metrics["gflops_per_image"],
-            "trainable_params": metrics["trainable_params"],
-            "prompt_params": metrics["prompt_params"],
-            "head_bytes": head_bytes(last_state),
-            "seconds_per_task": [t["seconds"] for t in log["log"]],
-            "run_seconds": seconds,
-            "first_epoch_accuracy": first_epoch_accuracy(after_first_epoch) if after_first_epoch else None,
-        }
-    result_file.write_text(json.dumps(result, indent=1))
-    return result
-
-
-def run_study(
-    name: str,
-    variants: list[Variant],
-    protocols: list[str],
-    seeds: list[int],
-    work: Path,
-    common: dict[str, Any] | None = None,
-    progress: bool = False,
-    probe_first_epoch: bool = False,
-    out: Path | None = None,
-    columns: dict[str, str] | None = None,
-) -> dict[str, Any]:
-    """Run every (protocol, variant, seed); return {"rows": per-run results, "meta": ...}.
-    With `out`, the JSON and table are rewritten after every run, so a study stopped by a time
-    limit still leaves what it finished."""
-    rows: list[dict[str, Any]] = []
-    pretraining: dict[str, Any] = {}
-    meta = {
-        "study": name,
-        "device": device_name(),
-        "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-        "seeds": seeds,
-        "pretraining": pretraining,
-    }
-    total = len(protocols) * len(variants) * len(seeds)
-    for protocol in protocols:
-        base = protocol_params(protocol, common or {})
-        shared = (work / protocol / "shared").resolve()
-        facts = prepare_protocol(shared, base, progress)
-        pretraining[protocol] = {"data": facts.get("data", facts.get("source")), "images": facts.get("train_images"),
-                                 "seconds": facts.get("seconds")}
-        for variant in variants:
-            for seed in seeds:
-                raw = deep_merge(deep_merge(base, variant.overrides), {"train": {"seed": seed}})
-                slug = re.sub(r"[^A-Za-z0-9._-]+", "-", variant.name)
-                run_dir = (work / protocol / name / slug / f"seed{seed}").resolve()
-                result = run_variant(run_dir, shared, raw, progress, probe_first_epoch)
-                rows.append({"protocol": protocol, "variant": variant.name, "seed": seed, **result})
-                print(f"[{len(rows)}/{total}] {protocol} {variant.name} seed {seed}: "
-                      f"A_last {result['A_last']:.3f} A_avg {result['A_avg']:.3f}", flush=True)
-                if out is not None:
-                    save({"meta": meta, "rows": rows}, out, summary_table({"meta": meta, "rows": rows}, columns),
-                         quiet=True)
-    return {"meta": meta, "rows": rows}
-
-
-def mean_std(values: list[float]) -> str:
-    if len(set(values)) == 1 and float(values[0]).is_integer():  # a count (parameters), the same in every run
-        return f"{int(values[0]):,}"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def summary_table(study: dict[str, Any], columns: dict[str, str] | None = None) -> str:
-    """Markdown: one line per (protocol, variant), mean ± std over seeds."""
-    columns = columns or {}
-    header = ["protocol", "variant", "A_last", "A_avg", "forgetting", "GFLOPs/img", "trainable params",
-              "head memory", "s/task", *columns]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in study["rows"]:
-        groups.setdefault((row["protocol"], row["variant"]), []).append(row)
-    for (protocol, variant), rows in groups.items():
-        forgetting = [r["forgetting"] for r in rows if r["forgetting"] is not None]
-        cells = [
-            protocol, variant,
-            mean_std([r["A_last"] for r in rows]),
-            mean_std([r["A_avg"] for r in rows]),
-            mean_std(forgetting) if forgetting else "–",
-            f"{rows[0]['gflops_per_image']:.4f}",
-            f"{rows[0]['trainable_params']:,}",
-            _bytes(rows[0]["head_bytes"]),
-            f"{statistics.mean(s for r in rows for s in r['seconds_per_task']):.2f}",
-            *(mean_std([r[key] for r in rows]) for key in columns.values()),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    meta = study["meta"]
-    pre = "; ".join(f"{k}: {v['images']} images, {v['seconds'] or 0:.0f} s" for k, v in meta["pretraining"].items())
-    lines.append("")
-    lines.append(f"{meta['device']}, torch {meta['torch']}, {meta['date']}, seeds {meta['seeds']}; "
-                 f"backbone pretraining ({pre}).")
-    return "\n".join(lines)
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
-def save(study: dict[str, Any], out: Path, table: str, quiet: bool = False) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = f"{study['meta']['study']}-{study['meta']['date']}"
-    (out / f"{stamp}.json").write_text(json.dumps(study, indent=1))
-    (out / f"{stamp}.md").write_text(table + "\n")
-    if not quiet:
-        print(table)
+from stages.grid import (  # noqa: E402,F401  (re-exported for the study scripts)
+    Variant,
+    device_name,
+    prepare_protocol,
+    protocol_params,
+    run_study,
+    run_variant,
+    save,
+    summary_table,
+)
+from stages.grid import PROTOCOLS  # noqa: E402
 
 
 def study_cli(
@@ -314,10 +51,7 @@ def study_cli(
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--progress", action="store_true", help="show the stages' progress bars")
     args = parser.parse_args()
-    common: dict[str, Any] = {}
-    if args.data_root is not None:
-        root = str(args.data_root.resolve())
-        common = {"data": {"root": root}, "backbone": {"pretrain": {"root": root}}}
-    study = run_study(name, variants, args.protocol or ["digits"], args.seeds, args.work, common,
-                      args.progress, probe_first_epoch, args.out, columns)
+    protocols = {name: protocol_params(PROTOCOLS[name], args.data_root) for name in args.protocol or ["digits"]}
+    study = run_study(name, variants, protocols, args.seeds, args.work, args.progress, probe_first_epoch, args.out,
+                      columns)
     save(study, args.out, summary_table(study, columns))

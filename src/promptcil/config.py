@@ -417,6 +417,36 @@ def load_params(path: str | Path = "params.yaml", *overlays: str | Path) -> Para
     return parse_params(merged_params(path, *overlays), " + ".join(str(p) for p in (path, *overlays)))
 
 
+class StudySpec(BaseModel):
+    """A study (flows/study.py): a grid of pipeline runs, variants x protocols x seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$", description="names the MLflow experiment study-<name>")
+    description: str = ""
+    protocols: dict[str, list[str]] = Field(min_length=1, description="name -> params file + presets laid over it")
+    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    variants: dict[str, dict[str, Any]] = Field(min_length=1, description="name -> params overrides")
+    columns: dict[str, str] = Field(default_factory=dict, description="extra table columns: header -> result key")
+    probe_first_epoch: bool = False  # also task 0's test accuracy after its first epoch (trained heads)
+
+    @field_validator("protocols")
+    @classmethod
+    def _protocol_has_files(cls, protocols: dict[str, list[str]]) -> dict[str, list[str]]:
+        for name, files in protocols.items():
+            if not files:
+                raise ValueError(f"protocol '{name}' names no params file")
+        return protocols
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """A study file, validated: one line naming the key on a problem."""
+    try:
+        return StudySpec.model_validate(_read_mapping(Path(path)))
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, str(path))) from None
+
+
 def write_resolved_params(out: Path, path: str | Path = "params.yaml", *overlays: str | Path) -> Path:
     """Write params.yaml + overlays as one complete params file (what the stages of a preset run read)."""
     out.parent.mkdir(parents=True, exist_ok=True)

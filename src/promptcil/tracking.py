@@ -26,6 +26,9 @@ from mlflow.exceptions import MlflowException
 from promptcil.config import GateConfig, RegistryConfig
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# What one number per run says about it: logged for pipeline runs and for every run of a study.
+SUMMARY_METRICS = ("A_last", "A_avg", "forgetting", "base_avg", "new_avg", "HM_avg", "gflops_per_image",
+                   "trainable_params")
 CHAMPION = "champion"
 
 
@@ -114,8 +117,7 @@ def log_pipeline_run(
         for t, row in enumerate(metrics["accuracy_after_task"]):
             mlflow.log_metric("accuracy_seen_classes", row, step=t)
             mlflow.log_metrics(_base_new_of_task(metrics, t), step=t)
-        for key in ("A_last", "A_avg", "forgetting", "base_avg", "new_avg", "HM_avg", "gflops_per_image",
-                    "trainable_params"):
+        for key in SUMMARY_METRICS:
             if metrics.get(key) is not None:
                 mlflow.log_metric(key, float(metrics[key]))
         for log in task_logs:
@@ -133,6 +135,66 @@ def log_pipeline_run(
         )
         run_id = parent.info.run_id
     return register_version(registry, info.model_uri, metrics, run_id=run_id)
+
+
+def start_study(name: str, params: dict[str, Any], spec_file: Path) -> tuple[str, str]:
+    """The parent run of one study invocation, in experiment `study-<name>`, with the study file as an
+    artifact (variant names are free text, not MLflow param keys); returns (experiment id, run id).
+    The client API (explicit run ids) because the study's runs are logged from several threads."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(f"study-{name}")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(f"study-{name}")
+    run = client.create_run(experiment_id, run_name=name, tags={"promptcil.study": name})
+    _log_params(client, run.info.run_id, flatten(params))
+    client.log_artifact(run.info.run_id, str(spec_file))
+    return experiment_id, run.info.run_id
+
+
+def log_study_run(
+    experiment_id: str,
+    parent_run_id: str,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, Any],
+    result: dict[str, Any],
+    artifacts: list[Path],
+) -> str:
+    """One finished run of a study as a child of the study's run: its full params, the summary
+    metrics, the mean training time per task and the accuracy on the classes seen after every task
+    (as steps)."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient()
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags | {"mlflow.parentRunId": parent_run_id})
+    run_id = run.info.run_id
+    _log_params(client, run_id, flatten(params))
+    now = int(datetime.now(UTC).timestamp() * 1000)
+    metrics = [Metric(key, float(result[key]), now, 0) for key in SUMMARY_METRICS if result.get(key) is not None]
+    seconds = result.get("seconds_per_task") or []
+    if seconds:
+        metrics.append(Metric("seconds_per_task", sum(seconds) / len(seconds), now, 0))
+    for task, accuracy in enumerate(result.get("accuracy_after_task") or []):
+        metrics.append(Metric("accuracy_seen_classes", float(accuracy), now, task))  # as in pipeline runs
+    client.log_batch(run_id, metrics=metrics)
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id)
+    return run_id
+
+
+def end_study(run_id: str, artifacts: list[Path], failed: bool = False) -> None:
+    client = MlflowClient()
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[start:start + 100])
 
 
 def _base_new_of_task(metrics: dict[str, Any], task: int) -> dict[str, float]:

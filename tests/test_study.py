@@ -1,0 +1,135 @@
+"""The Prefect study flow (flows/study.py): a grid of pipeline runs in worker processes, each a child
+run in MLflow; a grid run equals a plain pipeline run of the same params, bit for bit; finished runs
+are not run again; a bad study file fails in one line before anything runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import REPO, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def load_study_module():
+    """flows/study.py as a module (flows/ is not a package; the file puts the repo root on sys.path)."""
+    name = "promptcil_flows_study"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, REPO / "flows" / "study.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def write_spec(path, params_file, variants: dict, name: str = "tiny") -> None:
+    path.write_text(yaml.safe_dump({
+        "name": name,
+        "protocols": {"tiny-digits": [str(params_file)]},
+        "seeds": [0],
+        "variants": variants,
+        "columns": {"HM": "HM_avg"},
+    }, sort_keys=False))
+
+
+VARIANTS = {
+    "APT": {},  # the tiny params' own method (APT, linear head): must equal the plain pipeline run
+    "SimpleCIL": {"method": {"name": "none"}, "head": {"name": "prototype"}},
+}
+
+
+def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
+    prefect_harness, pipeline_project, tmp_path, monkeypatch
+):
+    from mlflow import MlflowClient
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    params_dir = tmp_path / "protocol"
+    params_dir.mkdir()
+    write_params(params_dir)  # the same params as the conftest's plain pipeline run
+    spec = tmp_path / "tiny.yaml"
+    write_spec(spec, params_dir / "params.yaml", VARIANTS)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    work, out = tmp_path / "work", tmp_path / "results"
+
+    study = load_study_module().study.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    result = study(str(spec), workers=2, work=str(work), out=str(out))
+
+    rows = {row["variant"]: row for row in result["rows"]}
+    assert sorted(rows) == ["APT", "SimpleCIL"]
+    for variant, row in rows.items():
+        folder = work / "tiny-digits" / "tiny" / variant / "seed0"
+        metrics = json.loads((folder / "outputs" / "evaluate" / "metrics.json").read_text())
+        assert row["accuracy_matrix"] == metrics["accuracy_matrix"]
+        assert (folder / "outputs" / "backbone").resolve() == (work / "tiny-digits" / "shared" / "outputs" / "backbone")
+    # a grid run is a pipeline run: same params, same backbone, same numbers, bit for bit
+    assert rows["APT"]["accuracy_matrix"] == pipeline_project["metrics"]["accuracy_matrix"]
+    assert rows["SimpleCIL"]["trainable_params"] == 0
+    assert rows["APT"]["trainable_params"] > 0
+
+    # results on disk: the table names every variant; the JSON holds the rows
+    table = (out / f"tiny-{result['meta']['date']}.md").read_text()
+    assert "| tiny-digits | APT |" in table and "| tiny-digits | SimpleCIL |" in table and "HM" in table
+    saved = json.loads((out / f"tiny-{result['meta']['date']}.json").read_text())
+    assert [r["variant"] for r in saved["rows"]] == [r["variant"] for r in result["rows"]]
+
+    # MLflow: one parent run per invocation, a child per grid point with the run's own numbers
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("study-tiny")
+    parent = client.get_run(result["meta"]["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {
+        "tiny.yaml", f"tiny-{result['meta']['date']}.md", f"tiny-{result['meta']['date']}.json"}
+    children = client.search_runs([experiment.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["variant"] for c in children) == ["APT", "SimpleCIL"]
+    for child in children:
+        row = rows[child.data.tags["variant"]]
+        assert child.data.metrics["A_last"] == pytest.approx(row["A_last"])
+        assert child.data.params["method.name"] == ("none" if row["variant"] == "SimpleCIL" else "apt")
+        history = client.get_metric_history(child.info.run_id, "accuracy_seen_classes")
+        assert [m.step for m in history] == list(range(len(row["accuracy_matrix"])))
+        assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"params.yaml", "metrics.json"}
+
+    # run again: nothing is retrained (result.json untouched), a second parent run logs the same rows
+    stamps = {p: p.stat().st_mtime_ns for p in work.rglob("result.json")}
+    checkpoints = {p: p.stat().st_mtime_ns for p in work.rglob("task_*.safetensors")}
+    again = study(str(spec), workers=1, work=str(work), out=str(out))
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("result.json")} == stamps
+    assert {p: p.stat().st_mtime_ns for p in work.rglob("task_*.safetensors")} == checkpoints
+    assert [r["A_last"] for r in again["rows"]] == [r["A_last"] for r in result["rows"]]
+    assert again["meta"]["mlflow_run_id"] != result["meta"]["mlflow_run_id"]
+
+
+def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_path):
+    params_dir = tmp_path / "protocol"
+    params_dir.mkdir()
+    write_params(params_dir)
+    work = tmp_path / "work"
+    cases = {
+        "unknown key": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]}, "variants": {"a": {}},
+                         "seed": [0]}, "seed: unknown key"),
+        "bad override": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]},
+                          "variants": {"ok": {}, "typo": {"method": {"nmae": "apt"}}}}, "typo, seed 0: method.nmae"),
+        "missing params file": ({"name": "x", "protocols": {"p": [str(tmp_path / "nope.yaml")]}, "variants": {"a": {}}},
+                                "nope.yaml: file not found"),
+        "no variants": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]}, "variants": {}},
+                        "variants"),
+    }
+    for case, (content, expected) in cases.items():
+        spec = tmp_path / f"{case.replace(' ', '-')}.yaml"
+        spec.write_text(yaml.safe_dump(content))
+        done = subprocess.run([sys.executable, str(REPO / "flows" / "study.py"), str(spec), "--work", str(work)],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 2, (case, done.stderr[-2000:])
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (case, lines)
+        assert not work.exists(), case  # nothing was started, nothing half-written
+        assert not (tmp_path / "mlflow.db").exists(), case
