@@ -340,13 +340,18 @@ def random_imageset(count: int, channels: int, size: tuple[int, int], labels: to
 
 def features_rate(run: Run, backbone: VisionTransformer, batches: int) -> dict[str, Any]:
     """backbone_statistics (the features stage) end to end from uint8 images in host memory, wall clock,
-    median of 3 passes after a 2-batch warm-up; and the loader alone (host gather, pinning, copy to device)."""
+    median of 3 passes after a 2-batch warm-up, over `batches` batches (the target's row: a stage runs over
+    a whole training set) and over a quarter of them (what a fixed cost per call weighs on a short pass);
+    the loader alone (host gather, pinning, copy to device); and a breakdown (features_breakdown)."""
     count = batches * run.batch_size
     size = tuple(backbone.patch_embed.img_size)
     data = random_imageset(count, backbone.patch_embed.proj.in_channels, size, torch.zeros(count, dtype=torch.int64), 1)
+    quarter = max(1, batches // 4) * run.batch_size
+    short = ImageSet(data.images[:quarter], data.labels[:quarter], data.class_names)
     warm = ImageSet(data.images[: 2 * run.batch_size], data.labels[: 2 * run.batch_size], data.class_names)
     backbone_statistics(backbone, warm, run.batch_size, run.device)
     stage_s = [wall(run, lambda: backbone_statistics(backbone, data, run.batch_size, run.device)) for _ in range(3)]
+    short_s = [wall(run, lambda: backbone_statistics(backbone, short, run.batch_size, run.device)) for _ in range(3)]
 
     def load_all() -> None:
         for images, _ in make_loader(data, run.batch_size, shuffle=False, seed=0, pin_memory=run.device.type == "cuda"):
@@ -354,8 +359,54 @@ def features_rate(run: Run, backbone: VisionTransformer, batches: int) -> dict[s
 
     load_all()
     loader_s = [wall(run, load_all) for _ in range(3)]
+    breakdown = features_breakdown(run, backbone, data)
+    breakdown["short_pass"] = quarter / statistics.median(short_s)
     return {"img_per_s": count / statistics.median(stage_s), "loader_img_per_s": count / statistics.median(loader_s),
-            "images": count, "seconds": stage_s}
+            "images": count, "seconds": stage_s, "breakdown": breakdown}
+
+
+@torch.no_grad()
+def features_breakdown(run: Run, backbone: VisionTransformer, data: ImageSet) -> dict[str, float]:
+    """Where the features stage's time goes (img/s, wall clock, median of 3 passes over the same images):
+    - loader_fed_forward: the plain forward fed by the stage's loader, each batch copied to the device on
+      the compute stream (no copy ahead), nothing kept;
+    - with_block_means: the same plus the stage's per-block patch-token means, kept on the device;
+    - device_outputs: the stage's whole work with its results kept on the device and copied to (pageable)
+      host memory once at the end, instead of through the stage's ring of page-locked staging buffers."""
+    from promptcil.backbone import embed_tokens
+    from promptcil.data import DevicePreprocess
+
+    preprocess = DevicePreprocess.from_model(backbone).to(run.device)
+    prefix, pin = backbone.num_prefix_tokens, run.device.type == "cuda"
+    count, depth, dim = len(data), len(backbone.blocks), backbone.embed_dim
+
+    def passes(keep_means: bool, to_host: bool) -> None:
+        cls_out = torch.empty((count, dim), device=run.device)
+        block_out = torch.empty((count, depth, dim), device=run.device)
+        start = 0
+        for images, _ in make_loader(data, run.batch_size, shuffle=False, seed=0, pin_memory=pin):
+            with autocast_for(run.device):
+                tokens = embed_tokens(backbone, preprocess(images.to(run.device, non_blocking=True)))
+                means = []
+                for block in backbone.blocks:
+                    if keep_means:
+                        means.append(tokens[:, prefix:].mean(dim=1))
+                    tokens = block(tokens)
+                cls = backbone.forward_head(backbone.norm(tokens), pre_logits=True)
+            stop = start + cls.shape[0]
+            if keep_means:
+                cls_out[start:stop] = cls
+                block_out[start:stop] = torch.stack(means, dim=1)
+            start = stop
+        if to_host:
+            cls_out.cpu(), block_out.cpu()
+
+    rates = {}
+    for key, keep, host in (("loader_fed_forward", False, False), ("with_block_means", True, False),
+                            ("device_outputs", True, True)):
+        passes(keep, host)
+        rates[key] = count / statistics.median(wall(run, lambda: passes(keep, host)) for _ in range(3))
+    return rates
 
 
 def wall(run: Run, fn: Callable[[], object]) -> float:
@@ -519,6 +570,12 @@ def markdown(results: dict[str, Any]) -> str:
             f = m["features"]
             row("features stage, uint8 host → device (× plain)", f, plain)
             row("loader alone: gather, pin, copy (× plain)", {"img_per_s": f["loader_img_per_s"]}, plain)
+            for key, label in (("loader_fed_forward", "plain forward fed by the loader"),
+                               ("with_block_means", "… + per-block token means (on device)"),
+                               ("device_outputs", "… + results kept on device, one copy to host"),
+                               ("short_pass", "features stage, a quarter of the batches")):
+                if key in f.get("breakdown", {}):
+                    row(f"{label} (× plain)", {"img_per_s": f["breakdown"][key]}, plain)
         for variant, c in m.get("compiled", {}).items():
             eager_train, eager_inf = tr.get(variant, {}), inf.get(variant, {})
             if "train" in c:
@@ -580,7 +637,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also measure torch.compile of plain inference and of APT (train step, inference) on the "
                    "first model of --models, after everything else (default: on with CUDA, off on CPU)")
-    p.add_argument("--features-batches", type=int, default=24,
+    p.add_argument("--features-batches", type=int, default=96,
                    help="batches in the features stage's pass (default: %(default)s)")
     p.add_argument("--task-model", default="vit_small_patch16_224",
                    help="model of the time-per-task runs (default: %(default)s)")

@@ -28,6 +28,7 @@ from promptcil.data import (
     make_task_split,
     register_source,
     subset,
+    to_device_ahead,
 )
 from promptcil.data.sources import DEBIAN_FASHION_MNIST
 
@@ -259,6 +260,25 @@ def test_device_preprocess_runs_on_the_gpu() -> None:
     out = pre(torch.full((2, 1, 8, 8), 255, dtype=torch.uint8, device="cuda"))
     assert out.device.type == "cuda"
     torch.testing.assert_close(out.cpu(), torch.ones(2, 3, 16, 16))
+
+
+def test_to_device_ahead_yields_every_batch_in_order(digits_train: ImageSet) -> None:
+    """On this CPU a plain copy; on a GPU (test below) the side-stream copies must give the same batches."""
+    batches = list(to_device_ahead(make_loader(digits_train, 300, shuffle=True, seed=1), torch.device("cpu")))
+    expected = list(make_loader(digits_train, 300, shuffle=True, seed=1))
+    assert len(batches) == len(expected) == -(-len(digits_train.labels) // 300)
+    assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(batches, expected))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_to_device_ahead_copies_on_a_side_stream_without_mixing_batches(digits_train: ImageSet) -> None:
+    images, labels = _epoch(make_loader(digits_train, 100, shuffle=True, seed=3))
+    seen = []
+    for x, y in to_device_ahead(make_loader(digits_train, 100, shuffle=True, seed=3, pin_memory=True),
+                                torch.device("cuda")):
+        assert x.is_cuda and y.is_cuda
+        seen.append((x.float() * 1).to(torch.uint8).cpu())  # work on the compute stream, as a model would
+    assert torch.equal(torch.cat(seen), images)
 
 
 # ---------------------------------------------------------------- sources: fashion_mnist, cifar100

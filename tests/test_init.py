@@ -205,3 +205,28 @@ def test_ensemble_with_an_analytic_head_adapts_each_member_on_the_first_task(ran
     assert [head.num_classes for head in model.head.heads] == [6, 6]
     with torch.no_grad():
         assert model.eval()(digits_tasks.test.images[:16]).shape == (16, 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_features_land_on_the_host_in_order_through_the_staging_ring(digits_tasks, random_backbone):
+    """On a GPU, results go through a ring of 3 page-locked staging buffers (docs/performance.md): with
+    more batches than slots and a short last batch, every row must land where a plain copy puts it."""
+    from promptcil.features import _entering_tokens
+
+    gpu = torch.device("cuda")
+    data = digits_tasks.train  # 7 batches of 200 (the last one short) through 3 slots
+    try:
+        stats = backbone_statistics(random_backbone, data, 200, gpu)
+        cls, blocks = [], []
+        for c, entering in _entering_tokens(random_backbone, data, 200, gpu):
+            cls.append(c.float().cpu())
+            blocks.append(torch.stack([t.mean(dim=1) for t in entering], dim=1).float().cpu())
+        assert torch.equal(stats["cls"], torch.cat(cls))
+        assert torch.equal(stats["block_input_tokens"], torch.cat(blocks))
+        sample = sample_images(data, digits_tasks.split.task_classes(0), 500, seed=0)
+        tokens = block_token_sample(random_backbone, sample, 200, gpu)
+        expected = torch.cat([torch.stack(e, dim=0).float().cpu()
+                              for _, e in _entering_tokens(random_backbone, sample, 200, gpu, with_output=True)], dim=1)
+        assert torch.equal(tokens, expected)
+    finally:
+        random_backbone.to("cpu")  # a session fixture: the other tests use it on the CPU

@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import embed_tokens
-from promptcil.data import DevicePreprocess, ImageSet, make_loader
+from promptcil.data import DevicePreprocess, ImageSet, make_loader, to_device_ahead
 from promptcil.runtime import autocast_for
 
 
@@ -27,9 +27,10 @@ def _entering_tokens(
     backbone.eval().to(device)
     preprocess = DevicePreprocess.from_model(backbone).to(device)
     prefix = backbone.num_prefix_tokens
-    for images, _ in make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda"):
+    loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
+    for images, _ in to_device_ahead(loader, device):
         with autocast_for(device):
-            tokens = embed_tokens(backbone, preprocess(images.to(device, non_blocking=True)))
+            tokens = embed_tokens(backbone, preprocess(images))
             entering = []
             for block in backbone.blocks:
                 entering.append(tokens[:, prefix:])
@@ -40,15 +41,54 @@ def _entering_tokens(
         yield cls, entering
 
 
-def _host_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Where results land on the host: page-locked when they come from a GPU, so each batch's copy is
-    queued behind its compute (non_blocking) instead of one slow pageable copy at the end."""
-    return torch.empty(shape, dtype=torch.float32, pin_memory=device.type == "cuda")
+class _HostSink:
+    """Device results to host memory batch by batch, the GPU never waiting on the host.
 
+    Each batch is copied (non_blocking) into one of `slots` reused page-locked staging buffers and
+    moved on the CPU into the final, ordinary tensors when its slot comes round again: the host
+    then waits only for a copy queued `slots` batches ago, so the GPU keeps that many batches of
+    work queued. Page-locking the whole result instead (N x depth x D floats) costs more than the
+    copies themselves when N is large (docs/performance.md). On a CPU device it writes directly.
+    """
 
-def _finish(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the one host sync: every queued copy has landed
+    def __init__(self, rows: dict[str, tuple[int, ...]], count: int, batch_size: int, device: torch.device,
+                 slots: int = 3) -> None:
+        self.out = {name: torch.empty((count, *shape), dtype=torch.float32) for name, shape in rows.items()}
+        self.cuda = device.type == "cuda"
+        self.slots: list[dict] = []
+        if self.cuda:
+            self.slots = [{"staging": {name: torch.empty((batch_size, *shape), dtype=torch.float32, pin_memory=True)
+                                       for name, shape in rows.items()}, "event": None, "rows": None}
+                          for _ in range(slots)]
+        self.batches = 0
+
+    def put(self, start: int, **values: torch.Tensor) -> None:
+        if not self.cuda:
+            for name, value in values.items():
+                self.out[name][start:start + value.shape[0]].copy_(value)
+            return
+        slot = self.slots[self.batches % len(self.slots)]
+        self._land(slot)
+        n = next(iter(values.values())).shape[0]
+        for name, value in values.items():
+            slot["staging"][name][:n].copy_(value, non_blocking=True)
+        slot["event"], slot["rows"] = torch.cuda.Event(), (start, n)
+        slot["event"].record()
+        self.batches += 1
+
+    def _land(self, slot: dict) -> None:
+        if slot["event"] is None:
+            return
+        slot["event"].synchronize()  # this slot's copy, queued len(slots) batches ago
+        start, n = slot["rows"]
+        for name, staging in slot["staging"].items():
+            self.out[name][start:start + n].copy_(staging[:n])
+        slot["event"] = None
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for k in range(len(self.slots)):  # oldest first
+            self._land(self.slots[(self.batches + k) % len(self.slots)])
+        return self.out
 
 
 @torch.no_grad()
@@ -57,34 +97,30 @@ def backbone_statistics(
 ) -> dict[str, torch.Tensor]:
     """{"cls": (N, D), "block_input_tokens": (N, depth, D), "labels": (N,)} in data order, float32 on CPU;
     block_input_tokens is each image's mean patch token entering each block."""
-    count, depth, dim = len(data), len(backbone.blocks), backbone.embed_dim
-    cls_out, block_out = _host_buffer((count, dim), device), _host_buffer((count, depth, dim), device)
+    depth, dim = len(backbone.blocks), backbone.embed_dim
+    sink = _HostSink({"cls": (dim,), "block_input_tokens": (depth, dim)}, len(data), batch_size, device)
     start = 0
     for cls, entering in _entering_tokens(backbone, data, batch_size, device):
-        stop = start + cls.shape[0]
-        cls_out[start:stop].copy_(cls, non_blocking=True)
-        block_out[start:stop].copy_(torch.stack([t.mean(dim=1) for t in entering], dim=1), non_blocking=True)
-        start = stop
-    _finish(device)
-    return {"cls": cls_out, "block_input_tokens": block_out, "labels": data.labels.clone()}
+        sink.put(start, cls=cls, block_input_tokens=torch.stack([t.mean(dim=1) for t in entering], dim=1))
+        start += cls.shape[0]
+    return {**sink.finish(), "labels": data.labels.clone()}
 
 
 @torch.no_grad()
 def block_token_sample(
     backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device
 ) -> torch.Tensor:
-    """(depth + 1, N, patches, D) float32: every patch token entering every block, then those leaving
+    """(depth + 1, N, patches, D) float32 on CPU: every patch token entering every block, then those leaving
     the last block, for a (small) sample of images: what the token-space initialisers (sampled_tokens,
     SPT) and SHIP's attribute prototypes draw from."""
     patches = backbone.patch_embed.num_patches
-    out = _host_buffer((len(backbone.blocks) + 1, len(data), patches, backbone.embed_dim), device)
+    sink = _HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(data), batch_size,
+                     device)
     start = 0
     for _, entering in _entering_tokens(backbone, data, batch_size, device, with_output=True):
-        stop = start + entering[0].shape[0]
-        out[:, start:stop].copy_(torch.stack(entering), non_blocking=True)
-        start = stop
-    _finish(device)
-    return out
+        sink.put(start, tokens=torch.stack(entering, dim=1))
+        start += entering[0].shape[0]
+    return sink.finish()["tokens"].transpose(0, 1).contiguous()
 
 
 def sample_images(data: ImageSet, classes: range, count: int, seed: int) -> ImageSet:

@@ -2,8 +2,14 @@
 and rendered fractals, a pretraining source without natural images."""
 
 from promptcil.data.fractal import fractal_images
-from promptcil.data.loader import DevicePreprocess, make_loader
-from promptcil.data.sources import SOURCES, DataError, ImageSet, load_split, register_source
+from promptcil.data.loader import DevicePreprocess, make_loader, to_device_ahead
+from promptcil.data.sources import (
+    SOURCES,
+    DataError,
+    ImageSet,
+    load_split,
+    register_source,
+)
 from promptcil.data.tasks import TaskSplit, make_task_split, subset
 
 __all__ = [
@@ -15,6 +21,7 @@ __all__ = [
     "fractal_images",
     "load_split",
     "make_loader",
+    "to_device_ahead",
     "make_task_split",
     "register_source",
     "subset",

@@ -7,7 +7,7 @@ training, feature extraction and evaluation preprocess identically.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,39 @@ def make_loader(
         batch_size=None,
         num_workers=0,
     )
+
+
+def to_device_ahead(
+    batches: Iterable[tuple[torch.Tensor, ...]], device: torch.device
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The batches on `device`, each copied there while the one before it is being used.
+
+    On a GPU the copy of batch i+1 (from pinned memory) runs on a side stream, overlapping the
+    work queued for batch i instead of queueing behind it on the compute stream; the compute
+    stream waits for each copy just before its batch is used. Elsewhere: a plain `.to(device)`.
+    """
+    if device.type != "cuda":
+        for batch in batches:
+            yield tuple(t.to(device) for t in batch)
+        return
+    copy_stream = torch.cuda.Stream(device)
+    compute_stream = torch.cuda.current_stream(device)
+
+    def issue(batch: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+        if batch is None:
+            return None
+        copy_stream.wait_stream(compute_stream)  # memory freed by earlier batches' work is safe to reuse
+        with torch.cuda.stream(copy_stream):
+            return tuple(t.to(device, non_blocking=True) for t in batch)
+
+    source = iter(batches)
+    pending = issue(next(source, None))
+    while pending is not None:
+        compute_stream.wait_stream(copy_stream)
+        for t in pending:
+            t.record_stream(compute_stream)  # allocated on the side stream, used on the compute stream
+        current, pending = pending, issue(next(source, None))
+        yield current
 
 
 class _BatchGather(Dataset):
