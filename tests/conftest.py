@@ -97,6 +97,20 @@ TINY_PIPELINE_PARAMS = {
 }
 
 
+def load_flow(name: str):
+    """flows/<name>.py as a module (flows/ is not a package; the file puts the repo root on sys.path)."""
+    import importlib.util
+    import sys
+
+    module_name = f"promptcil_flows_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, REPO / "flows" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
 def write_params(project, **overrides: dict) -> None:
     """A CPU-sized params.yaml (tiny ViT, few epochs) in `project`, with per-section overrides, written
     out in full: dvc.yaml tracks whole sections and DVC fails on one missing from params.yaml."""

@@ -4,30 +4,17 @@ as calling the stage functions directly (what `dvc repro` runs), bit for bit."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
-import sys
 from contextlib import chdir
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_params
+from conftest import load_flow, write_params
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["prepare", "pretrain", "features", "prototypes", "prompt_init", "train", "evaluate", "register"]
-
-
-def load_pipeline_module():
-    """flows/pipeline.py as a module (flows/ is not a package; the file puts the repo root on sys.path)."""
-    name = "promptcil_flows_pipeline"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "flows" / "pipeline.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def payload_hashes(project: Path) -> dict[str, str]:
@@ -54,7 +41,7 @@ def test_flow_reproduces_the_stage_functions_bit_for_bit(prefect_harness, pipeli
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
-    pipeline = load_pipeline_module().pipeline
+    pipeline = load_flow("pipeline").pipeline
     with chdir(project):  # the stage functions use paths relative to the project
         state = pipeline(progress=False, return_state=True)
     assert state.is_completed(), state

@@ -4,7 +4,6 @@ are not run again; a bad study file fails in one line before anything runs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,20 +11,9 @@ import sys
 import pytest
 import yaml
 
-from conftest import REPO, write_params
+from conftest import REPO, load_flow, write_params
 
 pytestmark = pytest.mark.slow
-
-
-def load_study_module():
-    """flows/study.py as a module (flows/ is not a package; the file puts the repo root on sys.path)."""
-    name = "promptcil_flows_study"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "flows" / "study.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 def write_spec(path, params_file, variants: dict, name: str = "tiny") -> None:
@@ -59,7 +47,7 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     work, out = tmp_path / "work", tmp_path / "results"
 
-    study = load_study_module().study.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    study = load_flow("study").study.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
     result = study(str(spec), workers=2, work=str(work), out=str(out))
 
     rows = {row["variant"]: row for row in result["rows"]}
