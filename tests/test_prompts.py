@@ -154,3 +154,40 @@ def test_apt_blocks_out_of_range_is_rejected(backbone):
 
 def test_make_params_helper_is_valid():
     assert make_params().backbone.img_size == 16
+
+
+def test_apt_gradients_equal_an_out_of_place_rebuild_of_the_cls_key_and_value():
+    """APT's add into the qkv output has a hand-written backward (identity for the activations, a batch
+    sum for the prompt): the loss, the prompt's gradient and the image's gradient must equal those of
+    the plain autograd version that rebuilds the CLS row's key and value with torch.cat."""
+    torch.manual_seed(0)
+    backbone = load_backbone(BackboneConfig(**TINY_BACKBONE, source="random"))
+    apt = create_method(MethodConfig.model_validate({"name": "apt"}), backbone)
+    apt.train()
+    images = torch.randn(4, 3, backbone.patch_embed.img_size[0], backbone.patch_embed.img_size[1], requires_grad=True)
+
+    def loss_and_grads() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        apt.additive_cls_prompt.grad, images.grad = None, None
+        loss = backbone.forward_features(images)[:, 0].pow(2).sum()
+        loss.backward()
+        return loss.detach(), apt.additive_cls_prompt.grad.clone(), images.grad.clone()
+
+    apt.attach()
+    fast = loss_and_grads()
+    apt.detach()
+    dim = backbone.embed_dim
+
+    def reference_hook(slot: int):
+        def rebuild(_module, _inputs, qkv: torch.Tensor) -> torch.Tensor:
+            cls = torch.cat([qkv[:, :1, :dim], qkv[:, :1, dim:] + apt.additive_cls_prompt[slot].reshape(1, 1, -1)], 2)
+            return torch.cat([cls, qkv[:, 1:]], dim=1)
+        return rebuild
+
+    handles = [block.attn.qkv.register_forward_hook(reference_hook(s)) for s, block in enumerate(backbone.blocks)]
+    reference = loss_and_grads()
+    for handle in handles:
+        handle.remove()
+    assert torch.allclose(fast[0], reference[0])
+    assert fast[1].abs().max() > 0
+    torch.testing.assert_close(fast[1], reference[1])
+    torch.testing.assert_close(fast[2], reference[2])

@@ -95,8 +95,7 @@ class AdditivePrompt(PromptMethod):
 
         def add_to_cls_key_value(_module, _inputs, qkv_out: torch.Tensor) -> torch.Tensor:
             # qkv_out: (B, N, 3D) laid out as [q | k | v]; touch only the CLS row's k and v.
-            qkv_out[:, 0, dim:] += self.active_prompt()[slot].reshape(-1).to(qkv_out.dtype)
-            return qkv_out
+            return _AddToClsKeyValue.apply(qkv_out, self.active_prompt()[slot].reshape(-1).to(qkv_out.dtype), dim)
 
         return add_to_cls_key_value
 
@@ -110,3 +109,26 @@ class AdditivePrompt(PromptMethod):
             self.merged_prompt.mul_(c).add_(current, alpha=1 - c)
         self.merged_tasks += 1
         self._has_merged = True
+
+
+class _AddToClsKeyValue(torch.autograd.Function):
+    """qkv_out[:, 0, dim:] += prompt, in place, with a backward that costs a (B, 2D) sum.
+
+    Left to autograd, an in-place add into a slice of the qkv output makes the backward clone the
+    whole (B, N, 3D) gradient, zero-fill another and add them (CopySlices, SliceBackward): three
+    full passes over the block's largest activation, 9.5 of the 10 ms per step by which APT's step
+    trailed the fwd+bwd limit on ViT-B/16 (bench/profile_apt.py, docs/performance.md). The add is
+    an identity for qkv_out's gradient and a batch sum for the prompt's, so it is written as that.
+    Safe in place: nothing saved for backward holds qkv_out (the linear layer keeps its input).
+    """
+
+    @staticmethod
+    def forward(ctx, qkv_out: torch.Tensor, prompt: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.dim = dim
+        with torch.no_grad():
+            qkv_out[:, 0, dim:] += prompt
+        return qkv_out.view_as(qkv_out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+        return grad, grad[:, 0, ctx.dim:].sum(dim=0), None

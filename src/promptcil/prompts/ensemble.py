@@ -55,9 +55,11 @@ class PromptEnsemble(PromptMethod):
     def _split_hook(self, member_hooks: list[OutputHook]) -> OutputHook:
         def apply_per_member(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
             rows = output.shape[0] // self.size
-            for k, hook in enumerate(member_hooks):
-                hook(module, inputs, output[k * rows : (k + 1) * rows])  # a plain slice: in-place edits allowed
-            return output
+            # each member's hook gets its own rows as a tensor of their own (a hook may edit them in place
+            # outside autograd and return a new node for it, as APT's does: on views of one shared output
+            # one member's edit would invalidate another's result) and what it returns is used
+            return torch.cat([hook(module, inputs, output[k * rows : (k + 1) * rows].clone())
+                              for k, hook in enumerate(member_hooks)])
 
         return apply_per_member
 
