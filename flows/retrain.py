@@ -29,9 +29,9 @@ from promptcil import tracking  # noqa: E402
 from promptcil.artifacts import load_tensors, read_json, save_tensors, write_json  # noqa: E402
 from promptcil.config import load_params  # noqa: E402
 from promptcil.data import ImageSet, TaskSplit  # noqa: E402
-from promptcil.evaluation import accuracy_row  # noqa: E402
+from promptcil.evaluation import accuracy_row, new_class_accuracy  # noqa: E402
 from promptcil.incoming import read_incoming  # noqa: E402
-from promptcil.metrics import summarize  # noqa: E402
+from promptcil.metrics import base_new_summary, summarize  # noqa: E402
 from promptcil.runtime import resolve_device  # noqa: E402
 from promptcil.train import IncrementalTrainer, task_state_path  # noqa: E402
 
@@ -105,6 +105,13 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
     metrics = summarize(matrix, counts)
     metrics |= {"method": champion_params.method.name, "head": champion_params.head.name,
                 "test_samples_per_task": counts, "retrained_from": version}
+    if "new_after_task" in old_metrics:  # DePT's base/new, continued: the champion met these classes untrained
+        # among themselves by class means (a single new class has no "among": None)
+        champion_new = None if len(incoming.names) < 2 else new_class_accuracy(
+            model, task_state_path(champ, split.num_tasks - 1), split.num_tasks - 1, new_train, test, grown,
+            champion_params.eval.batch_size, device)
+        metrics |= base_new_summary(metrics["accuracy_after_task"],
+                                    old_metrics["new_after_task"][:-1] + [champion_new, None])
     out = run_dir / "version"
     write_json(out / "tasks.json", {**tasks, "split": grown.to_dict(), "num_tasks": grown.num_tasks,
                                     "class_names": class_names})

@@ -91,6 +91,31 @@ def test_new_class_becomes_one_new_task_and_second_run_is_a_noop(project, prefec
     assert len(client.search_model_versions("name='promptcil'")) == 2
 
 
+def test_retrain_continues_base_and_new_with_the_champion_meeting_the_new_classes(project, prefect_harness):
+    """DePT's base/new continues across a retrain: the champion's entries are kept, the champion's last task
+    gets its "new" (the incoming classes among themselves, by class means of the untrained champion), base
+    is the accuracy on all classes seen, and HM their harmonic mean."""
+    from promptcil.metrics import harmonic_mean
+
+    for name, label in (("sneaker", 7), ("bag", 8)):
+        write_new_class(project / "incoming" / name, fashion_label=label, count=16, tmp=project)
+    with chdir(project):
+        result = load_retrain_flow()()
+    assert result["status"] == "registered" and sorted(result["new_classes"]) == ["bag", "sneaker"]
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}", dst_path=str(project / "dl")))
+    metrics = json.loads((local / "artifacts" / "metrics.json").read_text())
+    old = json.loads((project / "outputs" / "evaluate" / "metrics.json").read_text())
+    tasks = len(old["new_after_task"]) + 1
+    assert metrics["new_after_task"][: tasks - 2] == old["new_after_task"][:-1]
+    champion_new = metrics["new_after_task"][tasks - 2]
+    assert champion_new is not None and 0.0 <= champion_new <= 1.0
+    assert metrics["new_after_task"][-1] is None  # nothing after the new task yet
+    assert metrics["base_after_task"] == metrics["accuracy_after_task"]
+    assert metrics["HM_after_task"][tasks - 2] == harmonic_mean(metrics["base_after_task"][tasks - 2], champion_new)
+    run = MlflowClient().get_run(MlflowClient().get_model_version("promptcil", result["version"]).run_id)
+    assert run.data.metrics["new_avg"] == pytest.approx(metrics["new_avg"])
+
+
 def write_digits_tree(root: Path, classes: list[int], train_images: dict[int, list] | None = None) -> None:
     """Real digits as an ImageFolder tree of 8x8 PNGs (stratified split of scikit-learn's digits)."""
     import numpy as np
