@@ -69,22 +69,37 @@ def digits_tasks() -> DigitsTasks:
     return DigitsTasks(split, train, test)
 
 
-@pytest.fixture(scope="session")
-def random_backbone():
-    """The tiny ViT with seeded random weights: for tests of structure and provenance, not accuracy."""
+def tiny_random_backbone():
+    """The tiny ViT with seeded random weights (the same every call): for tests of structure and
+    provenance, not accuracy."""
     from promptcil.backbone import load_backbone
     from promptcil.config import BackboneConfig
 
     return load_backbone(BackboneConfig(source="random", **TINY_BACKBONE), seed=0)
 
 
+# Backbones are handed out fresh per test: a prompt method attaches its hooks to the backbone it is
+# built on, so a shared one would carry one test's prompts into the next test's features.
+@pytest.fixture
+def random_backbone():
+    return tiny_random_backbone()
+
+
 @pytest.fixture(scope="session")
-def pretrained_backbone(digits_tasks: DigitsTasks):
-    """The B-N protocol's backbone: trained on the base classes only, then frozen."""
+def _pretrained_once(digits_tasks: DigitsTasks):
     params = make_params(backbone={"source": "pretrain", "pretrain": {"epochs": 60, "lr": 2e-3}})
     base = subset(digits_tasks.train, list(digits_tasks.split.task_classes(0)))
     backbone, _ = pretrain_backbone(params.backbone, base, torch.device("cpu"), progress=False)
     return backbone
+
+
+@pytest.fixture
+def pretrained_backbone(_pretrained_once):
+    """The B-N protocol's backbone: trained on the base classes only, then frozen (pretrained once per
+    session, a copy per test)."""
+    import copy
+
+    return copy.deepcopy(_pretrained_once)
 
 
 # ---------------------------------------------------------------- pipeline projects

@@ -15,12 +15,14 @@ from promptcil.init import initialise
 from promptcil.model import IncrementalModel
 from promptcil.prompts.ensemble import PromptEnsemble
 
-from conftest import build_model, make_params
+from conftest import build_model, make_params, tiny_random_backbone
 
 
 @pytest.fixture(scope="module")
-def task0_stats(digits_tasks, random_backbone) -> dict[str, torch.Tensor]:
-    """What the features and prototypes stages hand the initialisers: task 0's statistics."""
+def task0_stats(digits_tasks) -> dict[str, torch.Tensor]:
+    """What the features and prototypes stages hand the initialisers: task 0's statistics (of the same
+    seeded backbone every test's random_backbone is)."""
+    random_backbone = tiny_random_backbone()
     base = digits_tasks.split.task_classes(0)
     stats = backbone_statistics(random_backbone, digits_tasks.train, 256, torch.device("cpu"))
     keep = torch.isin(stats["labels"], torch.as_tensor(list(base)))

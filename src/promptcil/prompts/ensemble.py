@@ -54,7 +54,10 @@ class PromptEnsemble(PromptMethod):
 
     def _split_hook(self, member_hooks: list[OutputHook]) -> OutputHook:
         def apply_per_member(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
-            rows = output.shape[0] // self.size
+            rows, rest = divmod(output.shape[0], self.size)
+            if rest:  # the ensemble's own forward repeats the batch K times; anything else is a stray call
+                raise RuntimeError(f"a prompt ensemble of {self.size} saw a batch of {output.shape[0]} rows: "
+                                   "its hooks only run inside its own forward (detach it before other use)")
             # each member's hook gets its own rows as a tensor of their own (a hook may edit them in place
             # outside autograd and return a new node for it, as APT's does: on views of one shared output
             # one member's edit would invalidate another's result) and what it returns is used
