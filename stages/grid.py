@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from promptcil.artifacts import load_tensors, read_json
-from promptcil.config import deep_merge, merged_params, parse_params
+from promptcil.config import ConfigError, deep_merge, merged_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_STAGES = ("prepare", "backbone", "features", "prototypes")
@@ -208,12 +208,33 @@ class Point:
     params: dict[str, Any]
 
 
+# What the shared stages (prepare, pretrain, features, prototypes) read, after dvc.yaml: a variant may
+# not change it, since its runs reuse the protocol's shared outputs (train.seed is the study's seeds).
+SHARED_PARAMS = ("data", "backbone", "train.device", "eval.batch_size", "init.sample_images", "init.sample_seed")
+
+
+def shared_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys (leaves) of `overrides` that the shared stages read."""
+    found = []
+    for key, value in overrides.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            found += shared_keys(value, f"{dotted}.")
+        elif any(dotted == s or dotted.startswith(s + ".") for s in SHARED_PARAMS):
+            found.append(dotted)
+    return found
+
+
 def points(name: str, variants: list[Variant], protocol: str, base: dict[str, Any], seeds: list[int],
            work: Path) -> list[Point]:
     """The runs of one protocol, in <work>/<protocol>/<study>/<variant>/seed<N>; every run's params are
     checked here, so a bad override fails before any work."""
     runs = []
     for variant in variants:
+        shared = shared_keys(variant.overrides)
+        if shared:
+            raise ConfigError(f"variant '{variant.name}' changes {', '.join(shared)}, which the shared stages "
+                              "(prepare, pretrain, features) use: make it a protocol of its own instead")
         for seed in seeds:
             raw = deep_merge(deep_merge(base, variant.overrides), {"train": {"seed": seed}})
             parse_params(raw, f"{variant.name}, seed {seed}")

@@ -110,6 +110,9 @@ def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_pat
                                 "nope.yaml: file not found"),
         "no variants": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]}, "variants": {}},
                         "variants"),
+        "variant changes a shared stage": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]},
+                                            "variants": {"deeper": {"backbone": {"depth": 3}}}},
+                                           "variant 'deeper' changes backbone.depth, which the shared stages"),
     }
     for case, (content, expected) in cases.items():
         spec = tmp_path / f"{case.replace(' ', '-')}.yaml"
@@ -121,3 +124,35 @@ def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_pat
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], (case, lines)
         assert not work.exists(), case  # nothing was started, nothing half-written
         assert not (tmp_path / "mlflow.db").exists(), case
+
+
+def test_a_failing_run_is_reported_by_name_and_the_others_are_kept(prefect_harness, tmp_path, monkeypatch):
+    """A run that fails while running (not a params error: SPT's k-means asks for more prompt tokens than
+    the protocol's token sample holds) fails the flow at the end, naming the run; the other runs finish,
+    are written to the results and tracked; the study's MLflow run is marked FAILED."""
+    from mlflow import MlflowClient
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    params_dir = tmp_path / "protocol"
+    params_dir.mkdir()
+    write_params(params_dir, init={"sample_images": 1})  # 16 tokens per block in the sample
+    spec = tmp_path / "tiny.yaml"
+    write_spec(spec, params_dir / "params.yaml", {
+        "SimpleCIL": {"method": {"name": "none"}, "head": {"name": "prototype"}},
+        "VPT-deep + SPT, 20 tokens": {"method": {"name": "vpt", "vpt": {"length": 20}}, "init": {"name": "spt"}},
+    })
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    study = load_flow("study").study.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    state = study(str(spec), workers=2, work=str(tmp_path / "work"), out=str(tmp_path / "out"), return_state=True)
+    assert state.is_failed()
+    message = str(state.message) + repr(state.result(raise_on_failure=False))
+    assert "1 of 2 runs failed" in message and "VPT-deep + SPT, 20 tokens" in message
+    saved = json.loads(next((tmp_path / "out").glob("tiny-*.json")).read_text())
+    assert [r["variant"] for r in saved["rows"]] == ["SimpleCIL"]
+    client = MlflowClient(uri)
+    parent = client.get_run(saved["meta"]["mlflow_run_id"])
+    assert parent.info.status == "FAILED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert [c.data.tags["variant"] for c in children] == ["SimpleCIL"]
