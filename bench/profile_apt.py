@@ -84,10 +84,9 @@ def main() -> None:
                                                Path(scratch), device, progress=False)
             optimizer = trainer.make_optimizer(model.trainable_parameters())
 
-            def step(i: int) -> None:
-                trainer.train_step(model.head, *batches.pick(i), speed.FIRST_CLASS, optimizer)
-
-            result["device_ms_per_step"][variant] = device_ms(run, step, args.steps)
+            result["device_ms_per_step"][variant] = device_ms(
+                run, lambda i, t=trainer, m=model, o=optimizer: t.train_step(m.head, *batches.pick(i),
+                                                                             speed.FIRST_CLASS, o), args.steps)
             model.method.detach()
             del model, trainer, optimizer
             speed.release(run)
