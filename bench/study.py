@@ -24,7 +24,6 @@ from stages.grid import (  # noqa: E402,F401  (re-exported for the study scripts
     run_study,
     run_variant,
     save,
-    summary_table,
 )
 from stages.grid import PROTOCOLS  # noqa: E402
 
@@ -54,4 +53,5 @@ def study_cli(
     protocols = {name: protocol_params(PROTOCOLS[name], args.data_root) for name in args.protocol or ["digits"]}
     study = run_study(name, variants, protocols, args.seeds, args.work, args.progress, probe_first_epoch, args.out,
                       columns)
-    save(study, args.out, summary_table(study, columns))
+    table, _ = save(study, args.out, columns)
+    print(table)

@@ -34,7 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout: stages/ is a sibling
 
 from promptcil import tracking  # noqa: E402
-from promptcil.config import ConfigError, load_study  # noqa: E402
+from promptcil.config import ConfigError, StudySpec, load_study  # noqa: E402
 from stages import grid  # noqa: E402
 
 # Worker processes and the lock around MLflow writes: per flow run, set by `study` (tasks run in threads).
@@ -43,7 +43,7 @@ _tracking_lock = threading.Lock()
 
 
 def plan(spec_path: str, protocols: list[str] | None, seeds: list[int] | None, data_root: str | None,
-         work: Path) -> tuple[Any, dict[str, dict[str, Any]], dict[str, list[grid.Point]]]:
+         work: Path) -> tuple[StudySpec, dict[str, dict[str, Any]], dict[str, list[grid.Point]]]:
     """The study file, each chosen protocol's params and its runs, every run's params checked:
     (spec, params by protocol, runs by protocol). A problem is a ConfigError before anything runs."""
     spec = load_study(spec_path)
@@ -127,18 +127,14 @@ def study(
                     continue
                 rows.append(future.result())
                 logger.info(grid.progress_line(len(rows) + len(failures), total, point, rows[-1]))
-                partial = {"meta": meta, "rows": rows}  # what finished survives a killed study
-                grid.save(partial, out_dir, grid.summary_table(partial, spec.columns), quiet=True)
+                grid.save({"meta": meta, "rows": rows}, out_dir, spec.columns)  # what finished survives a kill
     finally:
         _pool.shutdown(cancel_futures=True)
         _pool = None
         result = {"meta": meta, "rows": rows}
-        table = grid.summary_table(result, spec.columns)
-        grid.save(result, out_dir, table, quiet=True)
-        stamp = f"{spec.name}-{meta['date']}"
+        table, files = grid.save(result, out_dir, spec.columns)
         with _tracking_lock:
-            tracking.end_study(parent_run_id, [out_dir / f"{stamp}.md", out_dir / f"{stamp}.json"],
-                               failed=bool(failures) or len(rows) < total)
+            tracking.end_study(parent_run_id, files, failed=bool(failures) or len(rows) < total)
     if failures:
         raise RuntimeError(f"{len(failures)} of {total} runs failed: " + "; ".join(failures))
     return result | {"table": table}
@@ -154,8 +150,8 @@ def main() -> None:
     parser.add_argument("--work", default="outputs/studies",
                         help="run folders: <protocol>/shared and <protocol>/<study>/<variant>/seed<N> (default %(default)s)")
     parser.add_argument("--out", default="outputs/studies/results", help="table and JSON (default %(default)s)")
-    parser.add_argument("--data-root", help="data folder (e.g. Fashion-MNIST's gz files): sets data.root and "
-                        "backbone.pretrain.root of every protocol")
+    parser.add_argument("--data-root", help="data folder: sets data.root and backbone.pretrain.root of every "
+                        "protocol (Fashion-MNIST is unpacked there from Debian's package)")
     parser.add_argument("--progress", action="store_true", help="show the shared stages' progress bars")
     args = parser.parse_args()
     if args.workers < 1:

@@ -8,7 +8,8 @@ rows are the method's, not the backbone's (DVC's run cache gives `dvc exp run` t
 sharing). Per run, prompt_init, train and evaluate run in their own folder whose
 outputs/ links to the shared stages' outputs: exactly the files `dvc repro` would
 produce. A finished run keeps its result.json and is not run again, so an interrupted
-study continues where it stopped.
+study continues where it stopped; a folder written with other params (an edited study
+file or preset) is computed again. Code changes are not tracked: use a new --work then.
 
 Used by the Prefect study flow (flows/study.py: MLflow runs, parallel workers) and by
 bench/study.py (the same grid, in-process, for machines without MLflow and Prefect).
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from promptcil.artifacts import load_tensors, read_json
-from promptcil.config import ConfigError, deep_merge, merged_params, parse_params
+from promptcil.config import ConfigError, deep_merge, flatten, merged_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_STAGES = ("prepare", "backbone", "features", "prototypes")
@@ -86,6 +87,15 @@ def protocol_params(files: list[str | Path], data_root: Path | None = None) -> d
     return deep_merge(raw, {"data": {"root": root}, "backbone": {"pretrain": {"root": root}}})
 
 
+def params_changed(folder: Path, raw: dict[str, Any]) -> bool:
+    """Whether `folder` holds outputs of other params than `raw` (its params.yaml differs): an edited
+    study file or preset must not reuse them."""
+    import yaml
+
+    written = folder / "params.yaml"
+    return written.is_file() and yaml.safe_load(written.read_text()) != raw
+
+
 def write_params(folder: Path, raw: dict[str, Any]) -> None:
     import yaml
 
@@ -105,10 +115,13 @@ def prepare_protocol(
     from stages.pretrain import pretrain
     from stages.prototypes import prototypes
 
+    params = deep_merge(raw, {"train": {"seed": 0}})
+    if params_changed(folder, params):
+        shutil.rmtree(folder / "outputs")
     done = folder / "outputs" / "prototypes" / "prototypes.safetensors"
     with working_directory(folder):
         if not done.exists():
-            write_params(folder, deep_merge(raw, {"train": {"seed": 0}}))
+            write_params(folder, params)
             prepare()
             if backbone_cache is not None and (backbone_cache / "backbone.json").exists():
                 shutil.copytree(backbone_cache, "outputs/backbone", dirs_exist_ok=True)
@@ -152,6 +165,8 @@ def run_variant(
     from stages.train import train
 
     result_file = run_dir / "result.json"
+    if params_changed(run_dir, raw):  # its checkpoints and result belong to other params: start over
+        shutil.rmtree(run_dir)
     if result_file.exists():
         return json.loads(result_file.read_text())
     write_params(run_dir, raw)
@@ -208,21 +223,21 @@ class Point:
     params: dict[str, Any]
 
 
-# What the shared stages (prepare, pretrain, features, prototypes) read, after dvc.yaml: a variant may
-# not change it, since its runs reuse the protocol's shared outputs (train.seed is the study's seeds).
-SHARED_PARAMS = ("data", "backbone", "train.device", "eval.batch_size", "init.sample_images", "init.sample_seed")
+def shared_params(dvc_file: Path = REPO / "dvc.yaml") -> tuple[str, ...]:
+    """The params the shared stages read, as dvc.yaml declares them (one source for DVC and the grid),
+    less train.seed: the grid runs the shared stages with seed 0 and the study's seeds per run."""
+    import yaml
+
+    stages = yaml.safe_load(dvc_file.read_text())["stages"]
+    shared = ("prepare", "pretrain", "features", "prototypes")  # the stages whose outputs SHARED_STAGES are
+    return tuple(key for stage in shared for key in stages[stage].get("params", []) if key != "train.seed")
 
 
-def shared_keys(overrides: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys (leaves) of `overrides` that the shared stages read."""
-    found = []
-    for key, value in overrides.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            found += shared_keys(value, f"{dotted}.")
-        elif any(dotted == s or dotted.startswith(s + ".") for s in SHARED_PARAMS):
-            found.append(dotted)
-    return found
+def shared_keys(overrides: dict[str, Any]) -> list[str]:
+    """The dotted keys (leaves) of `overrides` that the shared stages read: a variant may not change
+    them, since its runs reuse the protocol's shared outputs."""
+    read = shared_params()
+    return [key for key in flatten(overrides) if any(key == s or key.startswith(s + ".") for s in read)]
 
 
 def points(name: str, variants: list[Variant], protocol: str, base: dict[str, Any], seeds: list[int],
@@ -290,8 +305,7 @@ def run_study(
             rows.append(row(point, result))
             print(progress_line(len(rows), total, point, result), flush=True)
             if out is not None:
-                study = {"meta": meta, "rows": rows}
-                save(study, out, summary_table(study, columns), quiet=True)
+                save({"meta": meta, "rows": rows}, out, columns)
     return {"meta": meta, "rows": rows}
 
 
@@ -342,10 +356,12 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def save(study: dict[str, Any], out: Path, table: str, quiet: bool = False) -> None:
+def save(study: dict[str, Any], out: Path, columns: dict[str, str] | None = None) -> tuple[str, list[Path]]:
+    """<out>/<study>-<date>.json (every run) and .md (summary_table); returns (the table, the two files)."""
     out.mkdir(parents=True, exist_ok=True)
     stamp = f"{study['meta']['study']}-{study['meta']['date']}"
-    (out / f"{stamp}.json").write_text(json.dumps(study, indent=1))
-    (out / f"{stamp}.md").write_text(table + "\n")
-    if not quiet:
-        print(table)
+    table = summary_table(study, columns)
+    files = [out / f"{stamp}.json", out / f"{stamp}.md"]
+    files[0].write_text(json.dumps(study, indent=1))
+    files[1].write_text(table + "\n")
+    return table, files

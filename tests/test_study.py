@@ -95,6 +95,19 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     assert [r["A_last"] for r in again["rows"]] == [r["A_last"] for r in result["rows"]]
     assert again["meta"]["mlflow_run_id"] != result["meta"]["mlflow_run_id"]
 
+    # an edited variant is run again with its new params; the others are kept
+    write_spec(spec, params_dir / "params.yaml", {**VARIANTS, "SimpleCIL": {**VARIANTS["SimpleCIL"],
+                                                                           "eval": {"batch_size": 64}}})
+    with pytest.raises(Exception, match="eval.batch_size"):  # read by the shared features stage: refused
+        study(str(spec), workers=1, work=str(work), out=str(out))
+    write_spec(spec, params_dir / "params.yaml", {**VARIANTS, "SimpleCIL": {**VARIANTS["SimpleCIL"],
+                                                                           "train": {"epochs": 2}}})
+    study(str(spec), workers=1, work=str(work), out=str(out))
+    apt_result, simple_result = (work / "tiny-digits" / "tiny" / v / "seed0" / "result.json" for v in ("APT", "SimpleCIL"))
+    assert apt_result.stat().st_mtime_ns == stamps[apt_result]
+    assert simple_result.stat().st_mtime_ns != stamps[simple_result]
+    assert yaml.safe_load((simple_result.parent / "params.yaml").read_text())["train"]["epochs"] == 2
+
 
 def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_path):
     params_dir = tmp_path / "protocol"

@@ -391,6 +391,18 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return raw or {}
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """A params mapping with dotted keys and string values (MLflow's params, the keys an override sets)."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = str(value)
+    return flat
+
+
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     """`base` with `overlay`'s values put in, section by section (an overlay names only what it changes)."""
     merged = dict(base)

@@ -61,15 +61,18 @@ class _HostSink:
                                        for name, shape in rows.items()}, "event": None, "rows": None}
                           for _ in range(slots)]
         self.batches = 0
+        self.filled = 0  # rows handed over so far: the next batch's first row
 
-    def put(self, start: int, **values: torch.Tensor) -> None:
+    def put(self, **values: torch.Tensor) -> None:
+        """The next batch's rows, one tensor per name given at construction."""
+        start, n = self.filled, next(iter(values.values())).shape[0]
+        self.filled += n
         if not self.cuda:
             for name, value in values.items():
-                self.out[name][start:start + value.shape[0]].copy_(value)
+                self.out[name][start:start + n].copy_(value)
             return
         slot = self.slots[self.batches % len(self.slots)]
         self._land(slot)
-        n = next(iter(values.values())).shape[0]
         for name, value in values.items():
             slot["staging"][name][:n].copy_(value, non_blocking=True)
         slot["event"], slot["rows"] = torch.cuda.Event(), (start, n)
@@ -99,10 +102,8 @@ def backbone_statistics(
     block_input_tokens is each image's mean patch token entering each block."""
     depth, dim = len(backbone.blocks), backbone.embed_dim
     sink = _HostSink({"cls": (dim,), "block_input_tokens": (depth, dim)}, len(data), batch_size, device)
-    start = 0
     for cls, entering in _entering_tokens(backbone, data, batch_size, device):
-        sink.put(start, cls=cls, block_input_tokens=torch.stack([t.mean(dim=1) for t in entering], dim=1))
-        start += cls.shape[0]
+        sink.put(cls=cls, block_input_tokens=torch.stack([t.mean(dim=1) for t in entering], dim=1))
     return {**sink.finish(), "labels": data.labels.clone()}
 
 
@@ -116,10 +117,8 @@ def block_token_sample(
     patches = backbone.patch_embed.num_patches
     sink = _HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(data), batch_size,
                      device)
-    start = 0
     for _, entering in _entering_tokens(backbone, data, batch_size, device, with_output=True):
-        sink.put(start, tokens=torch.stack(entering, dim=1))
-        start += entering[0].shape[0]
+        sink.put(tokens=torch.stack(entering, dim=1))
     return sink.finish()["tokens"].transpose(0, 1).contiguous()
 
 

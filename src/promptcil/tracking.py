@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 
-from promptcil.config import GateConfig, RegistryConfig
+from promptcil.config import GateConfig, RegistryConfig, flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # What one number per run says about it: logged for pipeline runs and for every run of a study.
@@ -73,18 +73,6 @@ def _create_sqlite_store(uri: str, db: Path) -> None:
             client.search_registered_models(max_results=1)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """params.yaml as MLflow params: dotted keys, string values."""
-    flat: dict[str, str] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{name}.")
-        else:
-            flat[name] = str(value)
-    return flat
 
 
 def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
