@@ -8,7 +8,8 @@ overrides). Per protocol the variant-independent stages (prepare, pretrain, feat
 run once; every (variant, seed) then runs prompt_init, train and evaluate in its own folder under
 --work, with the pipeline's own stage functions (stages/grid.py). Runs go to --workers processes: a
 small ViT leaves a GPU mostly idle, so a few runs share one well. A finished run keeps its
-result.json and is not run again: a stopped study continues where it stopped.
+result.json and is not run again: a stopped study continues where it stopped (a folder
+written with other params is computed again; code changes are not tracked: use a new --work).
 
 MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db): experiment study-<name>, one parent run per
 invocation holding the table and JSON, one child run per grid point with its params, metrics and
