@@ -643,7 +643,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="model of the time-per-task runs (default: %(default)s)")
     p.add_argument("--tasks", type=lambda s: [int(t) for t in comma_list(s)], default="5,10,20",
                    help="comma-separated task counts of the time-per-task runs; '' skips them (default: %(default)s)")
-    p.add_argument("--images-per-task", type=int, default=2048,
+    p.add_argument("--images-per-task", type=int, default=4096,
                    help="training images per task, 1 epoch (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--quick", action="store_true",

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from promptcil.data import ImageSet, TaskSplit, make_loader, subset
+from promptcil.data import ImageSet, TaskSplit, make_loader, subset, to_device_ahead
 from promptcil.metrics import base_new_summary
 from promptcil.model import IncrementalModel
 from promptcil.runtime import autocast_for
@@ -23,9 +23,9 @@ def predict(model: IncrementalModel, data: ImageSet, batch_size: int, device: to
     model.eval().to(device)
     loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
     preds = []
-    for images, _ in loader:
+    for images, _ in to_device_ahead(loader, device):
         with autocast_for(device):
-            preds.append(model.predict(images.to(device, non_blocking=True)))
+            preds.append(model.predict(images))
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
 
 
@@ -72,9 +72,9 @@ def features_of(model: IncrementalModel, data: ImageSet, batch_size: int, device
     model.eval().to(device)
     loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
     chunks = []
-    for images, _ in loader:
+    for images, _ in to_device_ahead(loader, device):
         with autocast_for(device):
-            features = model.features(images.to(device, non_blocking=True))
+            features = model.features(images)
         chunks.append(features.float().view(-1, len(images), features.shape[-1]).cpu())  # member-major rows
     return torch.cat(chunks, dim=1)
 

@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import create_vit, freeze
 from promptcil.config import BackboneConfig
-from promptcil.data import DevicePreprocess, ImageSet, make_loader
+from promptcil.data import DevicePreprocess, ImageSet, make_loader, to_device_ahead
 from promptcil.runtime import autocast_for
 
 
@@ -57,10 +57,8 @@ def pretrain_backbone(
             total = torch.zeros((), device=device)
             loader = make_loader(data, p.batch_size, shuffle=True, seed=seed * 7919 + epoch,
                                  pin_memory=device.type == "cuda")
-            for images, labels in loader:
-                images = preprocess(images.to(device, non_blocking=True))
-                images = random_shift(images, max_shift, generator)
-                labels = labels.to(device, non_blocking=True)
+            for images, labels in to_device_ahead(loader, device):
+                images = random_shift(preprocess(images), max_shift, generator)
                 with autocast_for(device):
                     loss = F.cross_entropy(model(images).float(), labels, label_smoothing=p.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)

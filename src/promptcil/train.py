@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from promptcil.artifacts import ArtifactError, load_tensors, save_tensors, verify
 from promptcil.config import TrainConfig
-from promptcil.data import ImageSet, TaskSplit, make_loader, subset
+from promptcil.data import ImageSet, TaskSplit, make_loader, subset, to_device_ahead
 from promptcil.heads import Head
 from promptcil.heads.ensemble import EnsembleHead
 from promptcil.heads.linear import LinearHead
@@ -96,7 +96,7 @@ class IncrementalTrainer:
         """The ONLY training data task `task` sees: its own classes' samples."""
         return subset(train_set, list(self.split.task_classes(task)))
 
-    def task_loader(self, data: ImageSet, task: int, epoch: int) -> torch.utils.data.DataLoader:
+    def task_loader(self, data: ImageSet, task: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         return make_loader(
             data,
             self.cfg.batch_size,
@@ -208,7 +208,7 @@ class IncrementalTrainer:
             group["lr"] = epoch_lr(self.cfg, epoch) * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         count = 0
-        for images, labels in self.task_loader(data, task, epoch):
+        for images, labels in to_device_ahead(self.task_loader(data, task, epoch), self.device):
             total += self.train_step(head, images, labels, first_class, optimizer) * len(labels)
             count += len(labels)
             bar.advance(bar_id)
@@ -247,10 +247,10 @@ class IncrementalTrainer:
         mode the features the steps will see (APT's current prompt), else the ones inference sees."""
         self.model.train(training)
         loader = make_loader(data, 256, shuffle=False, seed=0, pin_memory=self.device.type == "cuda")
-        for images, labels in loader:
+        for images, labels in to_device_ahead(loader, self.device):
             with autocast_for(self.device):
-                features = self.model.features(images.to(self.device, non_blocking=True))
-            self.model.head.observe(features.float(), labels.to(self.device))
+                features = self.model.features(images)
+            self.model.head.observe(features.float(), labels)
         self.model.head.finish_task()
 
     def make_optimizer(self, params: list[torch.nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
