@@ -6,9 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import threading
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +30,6 @@ from promptcil.data import (
     subset,
     to_device_ahead,
 )
-from promptcil.data.loader import _GatheredAhead
 from promptcil.data.sources import DEBIAN_FASHION_MNIST
 
 
@@ -188,36 +185,6 @@ def test_loader_without_shuffle_keeps_order_and_last_partial_batch(digits_train:
     batches = list(make_loader(digits_train, 500, shuffle=False, seed=0))
     assert [len(y) for _, y in batches] == [500, 500, len(digits_train) - 1000]
     assert torch.equal(torch.cat([x for x, _ in batches]), digits_train.images)
-
-
-def test_loader_gathering_ahead_in_a_thread_yields_the_same_passes(digits_train: ImageSet) -> None:
-    """What feeds a GPU (batches gathered ahead in a background thread) is the plain loader, pass for pass."""
-    plain, ahead = make_loader(digits_train, 100, True, 3), make_loader(digits_train, 100, True, 3, gather_ahead=2)
-    assert len(ahead) == len(plain)
-    for _ in range(2):  # the second pass has its own order in both
-        expected, got = list(plain), list(ahead)
-        assert len(got) == len(expected)
-        assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(got, expected))
-
-
-def _gather_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name == "promptcil-gather-ahead"]
-
-
-def test_loader_gathering_ahead_stops_its_thread_and_raises_its_errors(digits_train: ImageSet) -> None:
-    for images, _ in make_loader(digits_train, 10, shuffle=False, seed=0, gather_ahead=2):
-        break  # the thread is blocked on a full queue: leaving the loop must still end it
-    assert torch.equal(images, digits_train.images[:10])
-    assert _gather_threads() == []
-
-    def failing() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield digits_train.images[:2], digits_train.labels[:2]
-        raise OSError("disk gone")
-
-    passes = _GatheredAhead(failing(), depth=2)  # any iterable of batches
-    with pytest.raises(OSError, match="disk gone"):
-        list(passes)
-    assert _gather_threads() == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

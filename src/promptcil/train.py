@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,7 +96,7 @@ class IncrementalTrainer:
         """The ONLY training data task `task` sees: its own classes' samples."""
         return subset(train_set, list(self.split.task_classes(task)))
 
-    def task_loader(self, data: ImageSet, task: int, epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    def task_loader(self, data: ImageSet, task: int, epoch: int) -> torch.utils.data.DataLoader:
         return make_loader(
             data,
             self.cfg.batch_size,

@@ -7,8 +7,6 @@ training, feature extraction and evaluation preprocess identically.
 
 from __future__ import annotations
 
-import queue
-import threading
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -20,9 +18,8 @@ from promptcil.data.sources import ImageSet
 
 
 def make_loader(
-    imageset: ImageSet, batch_size: int, shuffle: bool, seed: int, pin_memory: bool = False,
-    gather_ahead: int | None = None,
-) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+    imageset: ImageSet, batch_size: int, shuffle: bool, seed: int, pin_memory: bool = False
+) -> DataLoader:
     """Yield `(uint8 images, int64 labels)` batches.
 
     Whole batches are gathered with one index operation (the sampler yields index
@@ -31,10 +28,7 @@ def make_loader(
     from a generator seeded with `seed`: the n-th pass over a loader is a pure
     function of (`seed`, n), so a trainer that derives `seed` from (run seed, task,
     epoch) resumes bit-identically at an epoch boundary. Data is in memory, so no
-    worker processes; but `gather_ahead` batches (default: 2 when pinning, i.e. feeding
-    a GPU, else 0) are gathered ahead in a background thread, so the host's copy of the
-    next batch overlaps the main thread's kernel launches instead of adding to them
-    (the gather releases the GIL). Order and content do not depend on it.
+    workers.
     """
     dataset = _BatchGather(imageset.images, imageset.labels, pin_memory)
     order = (
@@ -42,63 +36,12 @@ def make_loader(
         if shuffle
         else SequentialSampler(dataset)
     )
-    loader = DataLoader(
+    return DataLoader(
         dataset,
         sampler=BatchSampler(order, batch_size=batch_size, drop_last=False),
         batch_size=None,
         num_workers=0,
     )
-    ahead = (2 if pin_memory else 0) if gather_ahead is None else gather_ahead
-    return _GatheredAhead(loader, ahead) if ahead > 0 else loader
-
-
-class _GatheredAhead:
-    """Each pass over `loader` runs in a background thread, up to `depth` batches ahead of the consumer.
-
-    The thread's error is raised in the consumer; a consumer that stops early (break, error) stops and
-    joins the thread, so no pass outlives its loop.
-    """
-
-    _END = object()
-
-    def __init__(self, loader: DataLoader, depth: int) -> None:
-        self.loader, self.depth = loader, depth
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        ready: queue.Queue = queue.Queue(maxsize=self.depth)
-        stop = threading.Event()
-
-        def offer(item: object) -> bool:
-            while not stop.is_set():
-                try:
-                    ready.put(item, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        def produce() -> None:
-            try:
-                for batch in self.loader:
-                    if not offer(batch):
-                        return
-                offer(self._END)
-            except BaseException as error:  # handed to the consumer, raised there
-                offer(error)
-
-        thread = threading.Thread(target=produce, name="promptcil-gather-ahead", daemon=True)
-        thread.start()
-        try:
-            while (item := ready.get()) is not self._END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            thread.join()
 
 
 def to_device_ahead(
