@@ -272,7 +272,7 @@ class TrainConfig(Section):
     compile: bool = Field(
         False,
         description="torch.compile the prompted forward (method.compile()). Measured on an H100 (ViT-B/16, bf16): "
-        "APT's training step 1.36x, inference 1.15x eager, after 17-30 s of compilation per process; off by "
+        "APT's training step 1.30x, inference 1.16x eager, after 16-30 s of compilation per process; off by "
         "default because each task's switch between training and eval recompiles and short runs do not win "
         "that back (docs/performance.md).",
     )
