@@ -12,8 +12,8 @@ result.json and is not run again: a stopped study continues where it stopped (a 
 written with other params is computed again; code changes are not tracked: use a new --work).
 
 MLflow (MLFLOW_TRACKING_URI, else ./mlflow.db): experiment study-<name>, one parent run per
-invocation holding the table and JSON, one child run per grid point with its params, metrics and
-metrics.json. The table and JSON are also written to --out as <name>-<date>.md/.json.
+invocation holding the table and JSON, one child run per grid point with its params, metrics (per task
+as steps, named as in pipeline runs) and metrics.json. The table and JSON are also written to --out as <name>-<date>.md/.json.
 """
 
 from __future__ import annotations

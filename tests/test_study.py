@@ -84,6 +84,10 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
         assert child.data.params["method.name"] == ("none" if row["variant"] == "SimpleCIL" else "apt")
         history = client.get_metric_history(child.info.run_id, "accuracy_seen_classes")
         assert [m.step for m in history] == list(range(len(row["accuracy_matrix"])))
+        for key, name in (("base_after_task", "base_accuracy"), ("HM_after_task", "HM")):  # as pipeline runs log them
+            logged = {m.step: m.value for m in client.get_metric_history(child.info.run_id, name)}
+            expected = {t: v for t, v in enumerate(row[key]) if v is not None}
+            assert expected and logged == pytest.approx(expected)
         assert {a.path for a in client.list_artifacts(child.info.run_id)} == {"params.yaml", "metrics.json"}
 
     # run again: nothing is retrained (result.json untouched), a second parent run logs the same rows

@@ -148,8 +148,8 @@ def log_study_run(
     artifacts: list[Path],
 ) -> str:
     """One finished run of a study as a child of the study's run: its full params, the summary
-    metrics, the mean training time per task and the accuracy on the classes seen after every task
-    (as steps)."""
+    metrics, the mean training time per task, and per task (as steps) the accuracy on the classes seen
+    and the base/new/HM accuracies, under the names pipeline runs use."""
     from mlflow.entities import Metric
 
     client = MlflowClient()
@@ -163,6 +163,7 @@ def log_study_run(
         metrics.append(Metric("seconds_per_task", sum(seconds) / len(seconds), now, 0))
     for task, accuracy in enumerate(result.get("accuracy_after_task") or []):
         metrics.append(Metric("accuracy_seen_classes", float(accuracy), now, task))  # as in pipeline runs
+        metrics += [Metric(key, value, now, task) for key, value in _base_new_of_task(result, task).items()]
     client.log_batch(run_id, metrics=metrics)
     for path in artifacts:
         client.log_artifact(run_id, str(path))
@@ -187,8 +188,8 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> No
 
 def _base_new_of_task(metrics: dict[str, Any], task: int) -> dict[str, float]:
     """Task `task`'s base, new and HM accuracies as MLflow metrics; new and HM do not exist for the last
-    task, and metrics written before the base/new measurement have none."""
-    values = {name: metrics.get(f"{key}_after_task", [])
+    task, and metrics written before the base/new measurement (or a study row without them) have none."""
+    values = {name: metrics.get(f"{key}_after_task") or []
               for name, key in (("base_accuracy", "base"), ("new_accuracy", "new"), ("HM", "HM"))}
     return {name: float(v[task]) for name, v in values.items() if task < len(v) and v[task] is not None}
 
