@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import platform
 import re
@@ -540,7 +541,8 @@ def markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     lines = [
         f"### {meta['device_name']} · torch {meta['torch']} · timm {meta['timm']} · {meta['date']}"
-        + (f" · commit {meta['commit']}" if meta.get("commit") else ""),
+        + (f" · commit {meta['commit']}" if meta.get("commit") else "")
+        + (f" · code {meta['code']}" if meta.get("code") else ""),
         "",
         f"batch {meta['batch_size']}, {meta['dtype']}, {meta['timed_steps']} timed steps after {meta['warmup']} "
         f"warm-up (median of {meta['repeats']} groups; spread = (slowest - fastest group) / median); "
@@ -614,6 +616,16 @@ def git_commit() -> str | None:
         return None
 
 
+def code_digest() -> str:
+    """The first 12 hex of a SHA-256 over the harness's and the library's Python files (paths and contents):
+    it names the code that ran where git's metadata cannot (a copy of the checkout on another machine may
+    carry stale git metadata). `python bench/speed.py --code-digest` prints the checkout's."""
+    digest = hashlib.sha256()
+    for path in sorted([*(REPO / "src" / "promptcil").rglob("*.py"), *(REPO / "bench").glob("*.py")]):
+        digest.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def comma_list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
@@ -652,6 +664,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
                    help="folder of the JSON result (default: bench/results)")
     p.add_argument("--table", type=Path, metavar="JSON", help="only print the markdown tables of a saved result")
+    p.add_argument("--code-digest", action="store_true",
+                   help="only print the digest of this checkout's code, to match against a result's meta.code")
     args = p.parse_args(argv)
     if args.quick:
         p.set_defaults(models="vit_tiny_patch16_224", task_model="vit_tiny_patch16_224", batch_size=4, steps=4,
@@ -662,6 +676,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.code_digest:
+        print(code_digest())
+        return {"code": code_digest()}
     if args.table is not None:
         results = json.loads(args.table.read_text())
         print(markdown(results))
@@ -680,7 +697,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "meta": {
             "device_name": name, "device": str(device), "torch": torch.__version__, "timm": timm.__version__,
             "cuda": torch.version.cuda, "python": platform.python_version(), "date": now.strftime("%Y-%m-%d %H:%M UTC"),
-            "commit": git_commit(), "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
+            "commit": git_commit(), "code": code_digest(), "dtype": "bf16 autocast" if device.type == "cuda" else "fp32",
             "batch_size": args.batch_size, "backbone_overrides": overrides, "timed_steps": args.steps // args.repeats
             * args.repeats, "repeats": args.repeats, "warmup": args.warmup, "compile": compiled, "quick": args.quick,
             "methods": [m for m in METHODS if m != "none"], "argv": sys.argv[1:],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,27 @@ def test_printed_table_is_the_saved_result(quick_run) -> None:
     assert table in done.stdout
     assert "| plain forward (inference baseline) |" in table and "| time per task:" in table
     assert "PASS" in table
+
+
+def test_result_names_the_code_that_ran(quick_run, tmp_path: Path) -> None:
+    """meta.code is what `--code-digest` prints for this checkout, and changes with any library file."""
+    results, _ = quick_run
+
+    def digest(repo: Path) -> str:
+        done = subprocess.run([sys.executable, str(repo / "bench" / "speed.py"), "--code-digest"],
+                              capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    here = digest(REPO)
+    assert results["meta"]["code"] == here and len(here) == 12
+    assert f"code {results['meta']['code']}" in load_speed().markdown(results)
+    copy = tmp_path / "checkout"
+    shutil.copytree(REPO / "bench", copy / "bench", ignore=shutil.ignore_patterns("results", "work", "__pycache__"))
+    shutil.copytree(REPO / "src" / "promptcil", copy / "src" / "promptcil", ignore=shutil.ignore_patterns("__pycache__"))
+    assert digest(copy) == here  # paths are taken relative to the checkout
+    with (copy / "src" / "promptcil" / "features.py").open("a") as handle:
+        handle.write("\n# edited\n")
+    assert digest(copy) != here
 
 
 def test_the_harness_imports_no_pipeline_package(quick_run) -> None:
