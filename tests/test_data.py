@@ -23,6 +23,7 @@ from promptcil.data import (
     DevicePreprocess,
     ImageSet,
     TaskSplit,
+    device_batches,
     load_split,
     make_loader,
     make_task_split,
@@ -268,6 +269,10 @@ def test_to_device_ahead_yields_every_batch_in_order(digits_train: ImageSet) -> 
     expected = list(make_loader(digits_train, 300, shuffle=True, seed=1))
     assert len(batches) == len(expected) == -(-len(digits_train.labels) // 300)
     assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(batches, expected))
+    # what every loop that feeds a model uses: the same batches, shuffled by the same seed
+    fed = list(device_batches(digits_train, 300, torch.device("cpu"), shuffle=True, seed=1))
+    assert len(fed) == len(expected)
+    assert all(torch.equal(x, ex) and torch.equal(y, ey) for (x, y), (ex, ey) in zip(fed, expected))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

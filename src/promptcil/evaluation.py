@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from promptcil.data import ImageSet, TaskSplit, make_loader, subset, to_device_ahead
+from promptcil.data import ImageSet, TaskSplit, device_batches, subset
 from promptcil.metrics import base_new_summary
 from promptcil.model import IncrementalModel
 from promptcil.runtime import autocast_for
@@ -21,9 +21,8 @@ from promptcil.train import load_task_state
 def predict(model: IncrementalModel, data: ImageSet, batch_size: int, device: torch.device) -> torch.Tensor:
     """Predicted incremental labels for every image (CPU tensor), in data order."""
     model.eval().to(device)
-    loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
     preds = []
-    for images, _ in to_device_ahead(loader, device):
+    for images, _ in device_batches(data, batch_size, device):
         with autocast_for(device):
             preds.append(model.predict(images))
     return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
@@ -70,9 +69,8 @@ def features_of(model: IncrementalModel, data: ImageSet, batch_size: int, device
     """The model's features of every image, (members, N, D) float32 on the CPU, in data order (members:
     a prompt ensemble's K, else 1), as inference computes them."""
     model.eval().to(device)
-    loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
     chunks = []
-    for images, _ in to_device_ahead(loader, device):
+    for images, _ in device_batches(data, batch_size, device):
         with autocast_for(device):
             features = model.features(images)
         chunks.append(features.float().view(-1, len(images), features.shape[-1]).cpu())  # member-major rows

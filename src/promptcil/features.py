@@ -15,7 +15,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import embed_tokens
-from promptcil.data import DevicePreprocess, ImageSet, make_loader, to_device_ahead
+from promptcil.data import DevicePreprocess, ImageSet, device_batches
 from promptcil.runtime import autocast_for
 
 
@@ -27,8 +27,7 @@ def _entering_tokens(
     backbone.eval().to(device)
     preprocess = DevicePreprocess.from_model(backbone).to(device)
     prefix = backbone.num_prefix_tokens
-    loader = make_loader(data, batch_size, shuffle=False, seed=0, pin_memory=device.type == "cuda")
-    for images, _ in to_device_ahead(loader, device):
+    for images, _ in device_batches(data, batch_size, device):
         with autocast_for(device):
             tokens = embed_tokens(backbone, preprocess(images))
             entering = []

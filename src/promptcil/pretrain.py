@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import create_vit, freeze
 from promptcil.config import BackboneConfig
-from promptcil.data import DevicePreprocess, ImageSet, make_loader, to_device_ahead
+from promptcil.data import DevicePreprocess, ImageSet, device_batches
 from promptcil.runtime import autocast_for
 
 
@@ -55,9 +55,7 @@ def pretrain_backbone(
         for epoch in range(p.epochs):
             model.train()
             total = torch.zeros((), device=device)
-            loader = make_loader(data, p.batch_size, shuffle=True, seed=seed * 7919 + epoch,
-                                 pin_memory=device.type == "cuda")
-            for images, labels in to_device_ahead(loader, device):
+            for images, labels in device_batches(data, p.batch_size, device, shuffle=True, seed=seed * 7919 + epoch):
                 images = random_shift(preprocess(images), max_shift, generator)
                 with autocast_for(device):
                     loss = F.cross_entropy(model(images).float(), labels, label_smoothing=p.label_smoothing)

@@ -16,7 +16,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from promptcil.artifacts import ArtifactError, load_tensors, save_tensors, verify
 from promptcil.config import TrainConfig
-from promptcil.data import ImageSet, TaskSplit, make_loader, subset, to_device_ahead
+from promptcil.data import ImageSet, TaskSplit, device_batches, subset
 from promptcil.heads import Head
 from promptcil.heads.ensemble import EnsembleHead
 from promptcil.heads.linear import LinearHead
@@ -96,14 +96,10 @@ class IncrementalTrainer:
         """The ONLY training data task `task` sees: its own classes' samples."""
         return subset(train_set, list(self.split.task_classes(task)))
 
-    def task_loader(self, data: ImageSet, task: int, epoch: int) -> torch.utils.data.DataLoader:
-        return make_loader(
-            data,
-            self.cfg.batch_size,
-            shuffle=True,
-            seed=shuffle_seed(self.cfg.seed, task, epoch),
-            pin_memory=self.device.type == "cuda",
-        )
+    def task_loader(self, data: ImageSet, task: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch of the task's batches on the device, in an order fixed by (seed, task, epoch)."""
+        return device_batches(data, self.cfg.batch_size, self.device, shuffle=True,
+                              seed=shuffle_seed(self.cfg.seed, task, epoch))
 
     # ---- main loop ---------------------------------------------------------
     def run(self, train_set: ImageSet, tasks: list[int] | None = None, resume: bool = True) -> list[TaskLog]:
@@ -208,7 +204,7 @@ class IncrementalTrainer:
             group["lr"] = epoch_lr(self.cfg, epoch) * group.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
         count = 0
-        for images, labels in to_device_ahead(self.task_loader(data, task, epoch), self.device):
+        for images, labels in self.task_loader(data, task, epoch):
             total += self.train_step(head, images, labels, first_class, optimizer) * len(labels)
             count += len(labels)
             bar.advance(bar_id)
@@ -246,8 +242,7 @@ class IncrementalTrainer:
         """Pass the task's data through the model into the head's `observe`, then `finish_task`: in training
         mode the features the steps will see (APT's current prompt), else the ones inference sees."""
         self.model.train(training)
-        loader = make_loader(data, 256, shuffle=False, seed=0, pin_memory=self.device.type == "cuda")
-        for images, labels in to_device_ahead(loader, self.device):
+        for images, labels in device_batches(data, 256, self.device):
             with autocast_for(self.device):
                 features = self.model.features(images)
             self.model.head.observe(features.float(), labels)

@@ -2,14 +2,8 @@
 and rendered fractals, a pretraining source without natural images."""
 
 from promptcil.data.fractal import fractal_images
-from promptcil.data.loader import DevicePreprocess, make_loader, to_device_ahead
-from promptcil.data.sources import (
-    SOURCES,
-    DataError,
-    ImageSet,
-    load_split,
-    register_source,
-)
+from promptcil.data.loader import DevicePreprocess, device_batches, make_loader, to_device_ahead
+from promptcil.data.sources import SOURCES, DataError, ImageSet, load_split, register_source
 from promptcil.data.tasks import TaskSplit, make_task_split, subset
 
 __all__ = [
@@ -20,6 +14,7 @@ __all__ = [
     "TaskSplit",
     "fractal_images",
     "load_split",
+    "device_batches",
     "make_loader",
     "to_device_ahead",
     "make_task_split",

@@ -77,6 +77,15 @@ def to_device_ahead(
         yield current
 
 
+def device_batches(
+    imageset: ImageSet, batch_size: int, device: torch.device, shuffle: bool = False, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """`make_loader`'s batches on `device`, the way every loop that feeds a model gets them: gathered into
+    pinned memory when `device` is a GPU, each copied there ahead of its use (`to_device_ahead`)."""
+    loader = make_loader(imageset, batch_size, shuffle, seed, pin_memory=device.type == "cuda")
+    yield from to_device_ahead(loader, device)
+
+
 class _BatchGather(Dataset):
     """A whole batch per index list: one index_select per tensor into the batch's own memory.
 
