@@ -77,18 +77,11 @@ def main() -> None:
             method = speed.InputPrompt(backbone) if variant == "limit" else create_method(
                 speed.method_config("apt"), backbone)
             model = speed.build_model(run, backbone, method)
-            result["rates"][variant] = speed.train_rate(run, model, batches, Path(scratch))
-            split = speed.TaskSplit(class_order=list(range(speed.HEAD_CLASSES)),
-                                    task_sizes=[speed.FIRST_CLASS, speed.HEAD_CLASSES - speed.FIRST_CLASS])
-            trainer = speed.IncrementalTrainer(model, split, speed.TrainConfig(batch_size=run.batch_size),
-                                               Path(scratch), device, progress=False)
-            optimizer = trainer.make_optimizer(model.trainable_parameters())
-
-            result["device_ms_per_step"][variant] = device_ms(
-                run, lambda i, t=trainer, m=model, o=optimizer: t.train_step(m.head, *batches.pick(i),
-                                                                             speed.FIRST_CLASS, o), args.steps)
+            step = speed.train_step(run, model, batches, Path(scratch))
+            result["rates"][variant] = speed.measure(run, step, run.batch_size)
+            result["device_ms_per_step"][variant] = device_ms(run, step, args.steps)
             model.method.detach()
-            del model, trainer, optimizer
+            del model, step
             speed.release(run)
     limit, apt = result["device_ms_per_step"]["limit"], result["device_ms_per_step"]["apt"]
     print(f"{model_name}, batch {run.batch_size}: limit {result['rates']['limit']['ms_per_step']:.1f} ms/step, "

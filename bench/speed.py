@@ -192,7 +192,12 @@ def method_config(name: str) -> MethodConfig:
 
 
 def train_rate(run: Run, model: IncrementalModel, batches: Batches, scratch: Path) -> dict[str, Any]:
-    """The trainer's own step on a batch of task 1 (labels FIRST_CLASS.., earlier logits masked)."""
+    """The rate of train_step's step."""
+    return measure(run, train_step(run, model, batches, scratch), run.batch_size)
+
+
+def train_step(run: Run, model: IncrementalModel, batches: Batches, scratch: Path) -> Callable[[int], None]:
+    """Step i: the trainer's own step on batch i of task 1 (labels FIRST_CLASS.., earlier logits masked)."""
     split = TaskSplit(class_order=list(range(HEAD_CLASSES)), task_sizes=[FIRST_CLASS, HEAD_CLASSES - FIRST_CLASS])
     trainer = IncrementalTrainer(model, split, TrainConfig(batch_size=run.batch_size), scratch, run.device,
                                  progress=False)
@@ -203,7 +208,7 @@ def train_rate(run: Run, model: IncrementalModel, batches: Batches, scratch: Pat
     def step(i: int) -> None:
         trainer.train_step(model.head, *batches.pick(i), FIRST_CLASS, optimizer)
 
-    return measure(run, step, run.batch_size)
+    return step
 
 
 def inference_rate(run: Run, model: IncrementalModel, batches: Batches) -> dict[str, Any]:
@@ -677,8 +682,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.code_digest:
-        print(code_digest())
-        return {"code": code_digest()}
+        code = code_digest()
+        print(code)
+        return {"code": code}
     if args.table is not None:
         results = json.loads(args.table.read_text())
         print(markdown(results))

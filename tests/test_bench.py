@@ -123,3 +123,18 @@ def test_the_harness_imports_no_pipeline_package(quick_run) -> None:
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "promptcil.train" in imported and "promptcil.features" in imported
     assert not [m for m in imported if m.split(".")[0] in PIPELINE_PACKAGES]
+
+
+def test_apt_profile_runs_both_steps_and_tables_their_operators(tmp_path: Path) -> None:
+    """bench/profile_apt.py --quick: the CPU smoke run of the GPU profile (same steps as speed.py's)."""
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "profile_apt.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (path,) = tmp_path.glob("profile-apt-*.json")
+    result = json.loads(path.read_text())
+    for variant in ("limit", "apt"):
+        assert result["rates"][variant]["img_per_s"] > 0
+        operators = result["device_ms_per_step"][variant]["operator"]
+        assert operators.get("aten::mm", 0) > 0  # profiled for real: every ViT step multiplies matrices
+    assert "| operator | limit ms/step | APT ms/step | APT - limit |" in done.stdout
