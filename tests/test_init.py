@@ -217,18 +217,15 @@ def test_features_land_on_the_host_in_order_through_the_staging_ring(digits_task
 
     gpu = torch.device("cuda")
     data = digits_tasks.train  # 7 batches of 200 (the last one short) through 3 slots
-    try:
-        stats = backbone_statistics(random_backbone, data, 200, gpu)
-        cls, blocks = [], []
-        for c, entering in _entering_tokens(random_backbone, data, 200, gpu):
-            cls.append(c.float().cpu())
-            blocks.append(torch.stack([t.mean(dim=1) for t in entering], dim=1).float().cpu())
-        assert torch.equal(stats["cls"], torch.cat(cls))
-        assert torch.equal(stats["block_input_tokens"], torch.cat(blocks))
-        sample = sample_images(data, digits_tasks.split.task_classes(0), 500, seed=0)
-        tokens = block_token_sample(random_backbone, sample, 200, gpu)
-        expected = torch.cat([torch.stack(e, dim=0).float().cpu()
-                              for _, e in _entering_tokens(random_backbone, sample, 200, gpu, with_output=True)], dim=1)
-        assert torch.equal(tokens, expected)
-    finally:
-        random_backbone.to("cpu")  # a session fixture: the other tests use it on the CPU
+    stats = backbone_statistics(random_backbone, data, 200, gpu)
+    cls, blocks = [], []
+    for c, entering in _entering_tokens(random_backbone, data, 200, gpu):
+        cls.append(c.float().cpu())
+        blocks.append(torch.stack([t.mean(dim=1) for t in entering], dim=1).float().cpu())
+    assert torch.equal(stats["cls"], torch.cat(cls))
+    assert torch.equal(stats["block_input_tokens"], torch.cat(blocks))
+    sample = sample_images(data, digits_tasks.split.task_classes(0), 500, seed=0)
+    tokens = block_token_sample(random_backbone, sample, 200, gpu)
+    expected = torch.cat([torch.stack(e, dim=0).float().cpu()
+                          for _, e in _entering_tokens(random_backbone, sample, 200, gpu, with_output=True)], dim=1)
+    assert torch.equal(tokens, expected)
