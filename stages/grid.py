@@ -36,7 +36,8 @@ from promptcil.artifacts import load_tensors, read_json
 from promptcil.config import ConfigError, deep_merge, flatten, merged_params, parse_params
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_STAGES = ("prepare", "backbone", "features", "prototypes")
+SHARED_STAGES = ("prepare", "backbone", "features", "prototypes")  # their output folders, linked into every run
+SHARED_DVC_STAGES = ("prepare", "pretrain", "features", "prototypes")  # the same stages, as dvc.yaml names them
 # A protocol is a params file and the presets laid over it (paths relative to the repository).
 PROTOCOLS: dict[str, list[str]] = {
     "digits": ["params.yaml"],  # the default params: digits B4 + 3 tasks of 2, a tiny ViT (CPU)
@@ -229,8 +230,7 @@ def shared_params(dvc_file: Path = REPO / "dvc.yaml") -> tuple[str, ...]:
     import yaml
 
     stages = yaml.safe_load(dvc_file.read_text())["stages"]
-    shared = ("prepare", "pretrain", "features", "prototypes")  # the stages whose outputs SHARED_STAGES are
-    return tuple(key for stage in shared for key in stages[stage].get("params", []) if key != "train.seed")
+    return tuple(key for stage in SHARED_DVC_STAGES for key in stages[stage].get("params", []) if key != "train.seed")
 
 
 def shared_keys(overrides: dict[str, Any]) -> list[str]:
@@ -249,7 +249,7 @@ def points(name: str, variants: list[Variant], protocol: str, base: dict[str, An
         shared = shared_keys(variant.overrides)
         if shared:
             raise ConfigError(f"variant '{variant.name}' changes {', '.join(shared)}, which the shared stages "
-                              "(prepare, pretrain, features) use: make it a protocol of its own instead")
+                              f"({', '.join(SHARED_DVC_STAGES)}) use: make it a protocol of its own instead")
         for seed in seeds:
             raw = deep_merge(deep_merge(base, variant.overrides), {"train": {"seed": seed}})
             parse_params(raw, f"{variant.name}, seed {seed}")
