@@ -7,9 +7,11 @@ folder: the backbone is the same for every variant and seed, so differences betw
 rows are the method's, not the backbone's (DVC's run cache gives `dvc exp run` the same
 sharing). Per run, prompt_init, train and evaluate run in their own folder whose
 outputs/ links to the shared stages' outputs: exactly the files `dvc repro` would
-produce. A finished run keeps its result.json and is not run again, so an interrupted
-study continues where it stopped; a folder written with other params (an edited study
-file or preset) is computed again. Code changes are not tracked: use a new --work then.
+produce. Every folder records its producer (`promptcil.provenance`: the params and the
+sha256 of the shared outputs it read): a finished run keeps its result.json and is not run
+again, so an interrupted study continues where it stopped; a folder written with other
+params or from other shared outputs (an edited study file or preset) starts clean. Code
+changes are not tracked: use a new --work then.
 
 Used by the Prefect study flow (flows/study.py: MLflow runs, parallel workers) and by
 bench/study.py (the same grid, in-process, for machines without MLflow and Prefect).
@@ -32,8 +34,9 @@ from typing import Any
 
 import torch
 
-from promptcil.artifacts import load_tensors, read_json
+from promptcil.artifacts import load_tensors, read_json, write_json
 from promptcil.config import ConfigError, deep_merge, flatten, merged_params, parse_params
+from promptcil.provenance import artifact_sha256, claim, file_sha256, producer_record
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_STAGES = ("prepare", "backbone", "features", "prototypes")  # their output folders, linked into every run
@@ -88,15 +91,6 @@ def protocol_params(files: list[str | Path], data_root: Path | None = None) -> d
     return deep_merge(raw, {"data": {"root": root}, "backbone": {"pretrain": {"root": root}}})
 
 
-def params_changed(folder: Path, raw: dict[str, Any]) -> bool:
-    """Whether `folder` holds outputs of other params than `raw` (its params.yaml differs): an edited
-    study file or preset must not reuse them."""
-    import yaml
-
-    written = folder / "params.yaml"
-    return written.is_file() and yaml.safe_load(written.read_text()) != raw
-
-
 def write_params(folder: Path, raw: dict[str, Any]) -> None:
     import yaml
 
@@ -117,11 +111,10 @@ def prepare_protocol(
     from stages.prototypes import prototypes
 
     params = deep_merge(raw, {"train": {"seed": 0}})
-    if params_changed(folder, params):
-        shutil.rmtree(folder / "outputs")
+    ours = claim(folder, producer_record(params, {}))  # other params' shared outputs are removed first
     done = folder / "outputs" / "prototypes" / "prototypes.safetensors"
     with working_directory(folder):
-        if not done.exists():
+        if not (ours and done.exists()):
             write_params(folder, params)
             prepare()
             if backbone_cache is not None and (backbone_cache / "backbone.json").exists():
@@ -133,6 +126,16 @@ def prepare_protocol(
             features()
             prototypes()
         return read_json(Path("outputs/backbone/backbone.json"))
+
+
+def shared_inputs(shared: Path) -> dict[str, str]:
+    """The sha256 of what a run reads from its protocol's shared outputs."""
+    outputs = shared / "outputs"
+    return {"tasks": file_sha256(outputs / "prepare" / "tasks.json"),
+            "train_images": artifact_sha256(outputs / "prepare" / "train.safetensors"),
+            "backbone": read_json(outputs / "backbone" / "backbone.json")["weights_sha256"],
+            "features": artifact_sha256(outputs / "features" / "features.safetensors"),
+            "prototypes": artifact_sha256(outputs / "prototypes" / "prototypes.safetensors")}
 
 
 def head_bytes(task_state: Path) -> int:
@@ -166,10 +169,8 @@ def run_variant(
     from stages.train import train
 
     result_file = run_dir / "result.json"
-    if params_changed(run_dir, raw):  # its checkpoints and result belong to other params: start over
-        shutil.rmtree(run_dir)
-    if result_file.exists():
-        return json.loads(result_file.read_text())
+    if claim(run_dir, producer_record(raw, shared_inputs(shared))) and result_file.exists():
+        return read_json(result_file)
     write_params(run_dir, raw)
     outputs = run_dir / "outputs"
     outputs.mkdir(parents=True, exist_ok=True)
@@ -199,8 +200,13 @@ def run_variant(
             "forgetting": metrics["forgetting"],
             "accuracy_matrix": metrics["accuracy_matrix"],
             "accuracy_after_task": metrics["accuracy_after_task"],
-            **{key: metrics.get(key) for key in ("base_avg", "new_avg", "HM_avg", "base_after_task",
-                                                 "new_after_task", "HM_after_task")},
+            # the last row of the matrix: the newest task, the base classes and the worst task after the last
+            "newest_task_last": metrics["accuracy_matrix"][-1][-1],
+            "base_last": metrics["accuracy_matrix"][-1][0],
+            "worst_task_last": min(metrics["accuracy_matrix"][-1]),
+            **{key: metrics.get(key) for key in (
+                "newest_task_accuracy_after_task", "A_joint", "A_last_vs_joint", "base_avg", "next_task_class_mean_avg",
+                "HM_avg", "base_after_task", "next_task_class_mean_after_task", "HM_after_task")},
             "gflops_per_image": metrics["gflops_per_image"],
             "trainable_params": metrics["trainable_params"],
             "prompt_params": metrics["prompt_params"],
@@ -209,7 +215,7 @@ def run_variant(
             "run_seconds": seconds,
             "first_epoch_accuracy": first_epoch_accuracy(after_first_epoch) if after_first_epoch else None,
         }
-    result_file.write_text(json.dumps(result, indent=1))
+    write_json(result_file, result)
     return result
 
 

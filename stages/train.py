@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from promptcil.artifacts import load_tensors, write_json
+from promptcil.artifacts import load_tensors, read_json, write_json
 from promptcil.backbone import load_recorded_backbone
 from promptcil.model import IncrementalModel
+from promptcil.provenance import artifact_sha256, file_sha256, producer_record
 from promptcil.train import IncrementalTrainer
 
 from stages.common import (
-    BACKBONE, PROMPT_INIT, TRAIN, device_for, image_set, params, run_stage, task_split,
+    BACKBONE, PREPARE, PROMPT_INIT, TRAIN, device_for, image_set, params, run_stage, task_split,
 )
 
 
@@ -40,8 +41,15 @@ def train(
     p = params(params_path)
     split = task_split()
     model = build_model(p)
+    producer = producer_record(
+        {"method": p.method.model_dump(mode="json"), "head": p.head.model_dump(mode="json"),
+         "train": p.train.model_dump(mode="json")},
+        {"tasks": file_sha256(PREPARE / "tasks.json"), "train_images": artifact_sha256(PREPARE / "train.safetensors"),
+         "backbone": read_json(BACKBONE / "backbone.json")["weights_sha256"],
+         "prompt_init": artifact_sha256(PROMPT_INIT / "prompt.safetensors")},
+    )
     trainer = IncrementalTrainer(model, split, p.train, out, device_for(p), progress=progress,
-                                 on_epoch_end=on_epoch_end)
+                                 on_epoch_end=on_epoch_end, producer=producer)
     logs = trainer.run(image_set("train"))
     summary = {
         "tasks": split.num_tasks,

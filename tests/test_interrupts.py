@@ -23,6 +23,7 @@ import pytest
 from mlflow import MlflowClient
 
 from promptcil import tracking
+from promptcil.provenance import RECORD_FILE
 from promptcil.artifacts import ArtifactError, load_tensors, manifest_path, sha256_file
 from promptcil.config import load_params
 
@@ -132,7 +133,7 @@ def assert_nothing_partial(folder: Path) -> dict[str, str]:
                 with pytest.raises(ArtifactError, match="no manifest"):
                     load_tensors(path)
         elif path.suffix == ".json":
-            if path.name == "train_log.json":
+            if path.name in ("train_log.json", RECORD_FILE):  # plain JSON, written atomically
                 json.loads(path.read_text())
             else:  # a manifest never outlives (or precedes) its payload
                 assert path.with_suffix(".safetensors").exists(), f"{rel}: a manifest without its payload"

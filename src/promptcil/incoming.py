@@ -7,6 +7,7 @@ the retrain twice on the same folder a no-op.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ class IncomingClasses:
     train: ImageSet  # labels 0..n-1 in `names` order
     test: ImageSet
     names: list[str]
+    sha256: str  # of every new class's file names and bytes: a retrain's work folder is resumed only for the same images
 
 
 def read_incoming(
@@ -42,8 +44,12 @@ def read_incoming(
         raise DataError(f"incoming: existing images are {height}x{width}; only square images are supported")
     rng = np.random.RandomState(seed)
     parts: dict[str, list[tuple[np.ndarray, int]]] = {"train": [], "test": []}
+    digest = hashlib.sha256()
     for label, name in enumerate(new):
         paths = files[name]
+        for path in paths:
+            digest.update(f"{name}/{path.name}\0".encode())
+            digest.update(path.read_bytes())
         if len(paths) < 2:
             raise DataError(f"incoming: class folder {folder / name} needs at least 2 images (train and test)")
         order = rng.permutation(len(paths))
@@ -61,4 +67,4 @@ def read_incoming(
         )
         for split, items in parts.items()
     }
-    return IncomingClasses(sets["train"], sets["test"], new), skipped
+    return IncomingClasses(sets["train"], sets["test"], new, digest.hexdigest()), skipped

@@ -8,6 +8,9 @@ is committed after every epoch; `resume` continues from the newest complete one
 and ends bit-identical to an uninterrupted run, because every random choice
 (shuffle order, new head rows) is a pure function of (seed, task, epoch) and the
 learning rate of an epoch is computed, not carried in a scheduler object.
+Only the producer that wrote the folder resumes it (`promptcil.provenance`): a
+run with other params or inputs starts clean, so checkpoints of one
+configuration never continue as another's.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from promptcil.heads import Head
 from promptcil.heads.ensemble import EnsembleHead
 from promptcil.heads.linear import LinearHead
 from promptcil.model import IncrementalModel
+from promptcil.provenance import claim, producer_record
 from promptcil.runtime import autocast_for, resolve_device
 
 logger = logging.getLogger(__name__)
@@ -48,6 +52,13 @@ def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
     if cfg.schedule == "constant":
         return cfg.lr
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """Parameters, or parameter groups as `IncrementalModel.param_groups` gives them (`lr_scale` kept)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
 
 
 def shuffle_seed(seed: int, task: int, epoch: int) -> int:
@@ -74,11 +85,15 @@ class IncrementalTrainer:
         device: torch.device | None = None,
         progress: bool = True,
         on_epoch_end: Callable[[int, int], None] | None = None,
+        producer: dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
             out_dir: where task states (`task_XX.safetensors`) and `checkpoints/` go.
             on_epoch_end: called with (task, epoch) after each committed checkpoint.
+            producer: what the run depends on (`provenance.producer_record`: params and input sha256s);
+                only a folder written by the same producer is resumed. Default: the train config and the
+                method's and head's names (callers that have input artifacts name them).
         """
         self.model = model
         self.split = split
@@ -87,6 +102,8 @@ class IncrementalTrainer:
         self.device = device or resolve_device(cfg.device)
         self.progress = progress
         self.on_epoch_end = on_epoch_end
+        self.producer = producer or producer_record(
+            {"train": cfg.model_dump(mode="json"), "method": model.method.method_name, "head": model.head.head_name}, {})
         self.model.to(self.device)
         if cfg.compile:
             self.model.method.compile()  # in place: the trainer's step and predict call it unchanged
@@ -105,7 +122,8 @@ class IncrementalTrainer:
     def run(self, train_set: ImageSet, tasks: list[int] | None = None, resume: bool = True) -> list[TaskLog]:
         """Train `tasks` (default: all) in order; train_set carries incremental labels."""
         tasks = list(range(self.split.num_tasks)) if tasks is None else tasks
-        point = self._load_latest_checkpoint() if resume else None
+        ours = claim(self.out_dir, self.producer)  # another producer's folder is emptied first
+        point = self._load_latest_checkpoint() if resume and ours else None
         if point is not None:
             logger.info("resuming from %s: task %d, epoch %d", self.out_dir / "checkpoints", point.task, point.epoch)
         logs: list[TaskLog] = []
@@ -190,7 +208,9 @@ class IncrementalTrainer:
         self, data: ImageSet, task: int, log: TaskLog, optimizer: torch.optim.Optimizer | None, started: float
     ) -> None:
         """Close the task, then commit its state BEFORE the checkpoint that marks it done."""
-        self._close_task(data)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(shuffle_seed(self.cfg.seed, task, -3))  # the head's alignment samples
+            self._close_task(data)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.seconds = time.perf_counter() - started
@@ -249,11 +269,7 @@ class IncrementalTrainer:
         self.model.head.finish_task()
 
     def make_optimizer(self, params: list[torch.nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
-        """Parameters, or parameter groups as `IncrementalModel.param_groups` gives them (`lr_scale` kept)."""
-        cfg = self.cfg
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+        return make_optimizer(self.cfg, params)
 
     def _progress_bar(self) -> Progress:
         return Progress(
