@@ -95,7 +95,7 @@ def test_nearest_prototype_accuracy_and_base_new_hm_by_hand() -> None:
     hm0, hm1 = 2 * 0.9 * (2 / 3) / (0.9 + 2 / 3), 2 * 0.8 * 0.5 / 1.3  # 0.7660, 0.6154
     assert summary["HM_after_task"] == pytest.approx([hm0, hm1, None])
     assert summary["base_avg"] == pytest.approx(0.85)  # over the tasks with a new accuracy: not the last
-    assert summary["new_avg"] == pytest.approx((2 / 3 + 0.5) / 2)
+    assert summary["next_task_class_mean_avg"] == pytest.approx((2 / 3 + 0.5) / 2)
     assert summary["HM_avg"] == pytest.approx((hm0 + hm1) / 2)
     assert harmonic_mean(0.0, 0.0) == 0.0
     assert base_new_summary([0.5], [None])["HM_avg"] is None  # one task: nothing comes next
@@ -135,8 +135,8 @@ def test_cat_run_on_digits_trains_every_task_and_stores_the_final_prototypes(ran
     after = summarize(matrix, counts)["accuracy_after_task"]
     result = base_new(model, states, after, digits_tasks.train, digits_tasks.test, digits_tasks.split, 256, CPU)
     assert result["base_after_task"] == after
-    assert result["new_after_task"][-1] is None and result["HM_after_task"][-1] is None
-    assert all(0.0 <= n <= 1.0 for n in result["new_after_task"][:-1])
+    assert result["next_task_class_mean_after_task"][-1] is None and result["HM_after_task"][-1] is None
+    assert all(0.0 <= n <= 1.0 for n in result["next_task_class_mean_after_task"][:-1])
 
 
 def test_cat_learning_rate_is_its_own_param_group(random_backbone, digits_tasks, tmp_path):

@@ -63,20 +63,46 @@ def test_its_state_holds_no_sample(features, digits_tasks):
     tasks = [list(digits_tasks.split.task_classes(t)) for t in range(digits_tasks.split.num_tasks)]
     once = fit(RidgeHead(feats.shape[1], 128, ridge=1.0), feats, labels, tasks).state_dict()
     twice = fit(RidgeHead(feats.shape[1], 128, ridge=1.0), feats.repeat(2, 1), labels.repeat(2), tasks).state_dict()
-    assert set(once) == {"gram", "targets", "weight", "ridge"}  # the projection is regenerated from its seed
+    assert set(once) == {"gram", "targets", "count", "weight", "ridge"}  # the projection is regenerated from its seed
     assert {k: v.shape for k, v in once.items()} == {k: v.shape for k, v in twice.items()}
     assert once["gram"].shape == (128, 128) and once["targets"].shape == (128, 10)
 
 
-def test_ridge_is_chosen_on_the_first_task_and_then_kept(features, digits_tasks):
+def test_ridge_is_chosen_by_gcv_from_the_sums_and_equals_the_all_at_once_choice(features, digits_tasks):
+    """GCV needs only the sums, so the strength chosen after the last task, and the head, are those of a
+    head fitted on all tasks at once; a task only adds to the sums, so its choice may change per task."""
     feats, labels = features
     tasks = [list(digits_tasks.split.task_classes(t)) for t in range(digits_tasks.split.num_tasks)]
-    head = RidgeHead(feats.shape[1], 128)
-    fit(head, feats, labels, tasks[:1])
-    chosen = float(head.ridge)
-    assert chosen in RIDGE_CANDIDATES
-    fit(head, feats, labels, tasks[1:])
-    assert float(head.ridge) == chosen
+    incremental = fit(RidgeHead(feats.shape[1], 128), feats, labels, tasks)
+    joint = fit(RidgeHead(feats.shape[1], 128), feats, labels, [list(range(10))])
+    assert float(incremental.ridge) in RIDGE_CANDIDATES
+    assert float(incremental.ridge) == float(joint.ridge)
+    torch.testing.assert_close(incremental.weight, joint.weight, rtol=1e-4, atol=1e-5)  # float64 sums, summed in another order
+    torch.testing.assert_close(incremental(feats), joint(feats), rtol=1e-3, atol=1e-3)
+
+
+def test_gcv_picks_the_strength_with_the_least_gcv_score(features, digits_tasks):
+    """The choice against a brute-force GCV over the candidates, computed from the samples themselves
+    (hat matrix and residuals in sample space), on a problem with fewer samples than features."""
+    feats, labels = features
+    head = RidgeHead(feats.shape[1], 256)
+    keep = torch.arange(len(labels))[:200]
+    head.add_classes(10)
+    head.observe(feats[keep], labels[keep])
+    head.finish_task()
+    phi = head.expand(feats[keep]).double()
+    target = torch.nn.functional.one_hot(labels[keep], 10).double()
+    n = len(keep)
+
+    def score(ridge: float) -> float:
+        kernel = phi @ phi.T  # the hat matrix in sample space: K (K + l I)^-1
+        hat = kernel @ torch.linalg.inv(kernel + ridge * torch.eye(n, dtype=torch.float64))
+        rss = ((target - hat @ target) ** 2).sum()
+        return float(n * rss / (n - hat.trace()) ** 2)
+
+    candidates = [r for r in RIDGE_CANDIDATES if r >= 1e-2]  # below that, sample space is ill-conditioned
+    best = min(candidates, key=score)
+    assert float(head.ridge) == best
 
 
 def test_a_restored_head_continues_exactly(features, digits_tasks):

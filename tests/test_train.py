@@ -84,17 +84,18 @@ def test_resume_after_an_interrupted_epoch_ends_identical(random_backbone, digit
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    # measured on digits B4+3x2 (2-core CPU, seed 0, 3 pretraining runs): SimpleCIL 0.55-0.56,
-    # APT 0.42, VPT-deep (2 tokens) 0.39, ridge head on frozen features 0.76; chance is 0.10. With 10
-    # tokens per block VPT-deep drowns this 16-patch, 48-wide ViT and forgets (0.16-0.33), so the test uses 2.
-    "method, head, lr, threshold",
-    [("none", "prototype", 1e-2, 0.45), ("apt", "linear", 1e-2, 0.32), ("vpt", "linear", 1e-3, 0.28),
-     ("none", "ridge", 1e-2, 0.65)],
+    # measured on digits B4+3x2 with the base-class backbone (2-core CPU, seed 0): SimpleCIL 0.55-0.56,
+    # APT + linear 0.42 unaligned, 0.64 aligned; VPT-deep (2 tokens) 0.39 unaligned, 0.27 aligned (its prompt
+    # trains freely on every task, so earlier classes' statistics go stale: docs/methods.md); ridge head (GCV)
+    # on frozen features 0.86; chance is 0.10. With 10 tokens per block VPT-deep drowns this 16-patch, 48-wide
+    # ViT and forgets (0.16-0.33), so the test uses 2.
+    "method, head, align, lr, threshold",
+    [("none", "prototype", True, 1e-2, 0.45), ("apt", "linear", True, 1e-2, 0.55),
+     ("vpt", "linear", False, 1e-3, 0.28), ("none", "ridge", True, 1e-2, 0.80)],
 )
-def test_digits_run_beats_chance_by_far(method, head, lr, threshold, pretrained_backbone, digits_tasks, tmp_path):
-    params = make_params(
-        method={"name": method, "vpt": {"length": 2}}, head={"name": head}, train={"epochs": 5, "lr": lr}
-    )
+def test_digits_run_beats_chance_by_far(method, head, align, lr, threshold, pretrained_backbone, digits_tasks, tmp_path):
+    params = make_params(method={"name": method, "vpt": {"length": 2}},
+                         head={"name": head, "align": {"enabled": align}}, train={"epochs": 5, "lr": lr})
     model = run(params, pretrained_backbone, digits_tasks, tmp_path)
     summary = evaluate(model, digits_tasks, tmp_path)
     assert summary["accuracy_matrix"][0][0] > 0.9  # the pretrained backbone knows its base classes

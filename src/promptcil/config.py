@@ -222,9 +222,9 @@ class RidgeConfig(Section):
     seed: int = Field(0, description="The projection is regenerated from this seed, never stored.")
     ridge: float | None = Field(
         None, gt=0,
-        description="Ridge strength; null: chosen RanPAC's way on a held-out part of the first task's data, then fixed.",
+        description="Ridge strength; null: chosen after every task by generalised cross-validation from the "
+        "running sums (all data seen so far; exact and order-invariant like the head itself).",
     )
-    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="Held-out part of the first task for choosing ridge.")
 
 
 class CatConfig(Section):
@@ -245,6 +245,24 @@ class CatConfig(Section):
     )
 
 
+class AlignConfig(Section):
+    """Classifier alignment (Slow Learner with Classifier Alignment, Zhang et al., ICCV 2023): after every
+    task the trained head is retrained on features sampled from a Gaussian per class seen, so new classes
+    stop winning over old ones by recency alone. Only the statistics are kept, never an image."""
+
+    enabled: bool = Field(True, description="Align trained heads (linear, cat) after every task.")
+    rank: int = Field(
+        8, ge=0,
+        description="Covariance per class: the top `rank` principal directions plus an isotropic residual "
+        "(probabilistic PCA); (rank + 1) x D + 1 numbers per class (28 KiB at D = 768, rank 8; a full "
+        "covariance is 2.3 MiB). 0: isotropic.",
+    )
+    samples_per_class: int = Field(256, gt=0, description="Features drawn per class seen, per alignment epoch.")
+    epochs: int = Field(5, gt=0, description="Alignment epochs after every task.")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate of the alignment.")
+    batch_size: int = Field(64, gt=0, description="Sampled features per alignment step.")
+
+
 class HeadConfig(Section):
     name: Literal["linear", "prototype", "ridge", "cat"] = Field(
         "linear",
@@ -253,10 +271,12 @@ class HeadConfig(Section):
         "from running sums (exact, order-invariant). With a prompt method, prototype and ridge heads get "
         "first-session adaptation: the prompt trains on task 0 through a temporary linear head, then stays fixed. "
         "cat: DePT's decoupled head, a prototype (matching) head plus a channel-adjusted linear (CAT) head, "
-        "trained jointly with the prompt on every task (head.cat).",
+        "trained jointly with the prompt on every task (head.cat). Trained heads (linear, cat) are aligned "
+        "after every task (head.align).",
     )
     ridge: RidgeConfig = RidgeConfig()
     cat: CatConfig = CatConfig()
+    align: AlignConfig = AlignConfig()
 
 
 class TrainConfig(Section):
@@ -331,8 +351,19 @@ class EvalConfig(Section):
 
 
 class GateConfig(Section):
-    min_A_last: float | None = Field(None, ge=0, le=1, description="Versions below this A_last are tagged gate=failed.")
-    max_forgetting: float | None = Field(None, ge=0, le=1, description="Versions above this forgetting are tagged gate=failed.")
+    """What a registered version must reach to be approvable; each bound null = not checked. A version that
+    fails is tagged gate=failed with the reasons, and `promptcil review approve` refuses it."""
+
+    min_A_last: float | None = Field(0.5, ge=0, le=1, description="Least accuracy on all classes seen, after the last task.")
+    max_forgetting: float | None = Field(0.3, ge=0, le=1, description="Most average forgetting of the earlier tasks.")
+    min_newest_task_accuracy: float | None = Field(
+        0.5, ge=0, le=1,
+        description="Least accuracy on the newest task's classes after training it (a retrain: the incoming "
+        "classes' held-out images). Fails a version that never predicts what it just learned.",
+    )
+    min_base_accuracy: float | None = Field(
+        0.5, ge=0, le=1, description="Least accuracy on task 0's classes after the last task."
+    )
 
 
 class RegistryConfig(Section):

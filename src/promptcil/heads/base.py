@@ -36,9 +36,9 @@ def mask_earlier_classes(logits: torch.Tensor, first_class: int) -> torch.Tensor
 
 class Head(nn.Module):
     head_name: ClassVar[str] = ""
-    trainable: ClassVar[bool] = True  # False: nothing to optimise, filled by `observe` instead
-    observes: ClassVar[bool] = False  # True: the trainer shows it each task's features after training
-    observes_before_training: ClassVar[bool] = False  # True: ... and also before the task's first step
+    trainable: bool = True  # False: nothing to optimise, filled by `observe` instead
+    observes: bool = False  # True: the trainer shows it each task's features after training
+    observes_before_training: bool = False  # True: ... and also before the task's first step (in training mode)
 
     def __init__(self, embed_dim: int) -> None:
         super().__init__()

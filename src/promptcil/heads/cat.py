@@ -31,7 +31,9 @@ features live in. So the trainer passes the task's training data through the
 current model (training mode: the prompt the steps will train) before the task
 (`observes_before_training`), and again after it (inference mode, after e.g. APT's
 merge), which replaces them with the class means of the final prompted features,
-exactly what `PrototypeHead` stores. Batch means were rejected (a batch may lack a
+exactly what `PrototypeHead` stores; the second pass also feeds classifier alignment
+(head.align, promptcil.heads.alignment), which retrains the CAT part on features sampled
+from every seen class. Batch means were rejected (a batch may lack a
 class, and they are noisy); the prototypes stage's frozen-backbone means were
 rejected because they are not the prompted space that test time uses. Between the
 two passes the prototypes are fixed anchors: the matching loss pulls the prompted
@@ -49,7 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcil.config import HeadConfig
+from promptcil.config import AlignConfig, HeadConfig
+from promptcil.heads.alignment import ClassGaussians, align_head
 from promptcil.heads.base import Head, mask_earlier_classes, register_head
 
 
@@ -77,6 +80,7 @@ class CatHead(Head):
         fusion_weight: float = 0.7,
         logit_scale: float = 100.0,
         lr_scale: float = 6.5,
+        align: AlignConfig | None = None,
     ) -> None:
         """
         Args:
@@ -84,6 +88,7 @@ class CatHead(Head):
             fusion_weight: lambda of the test-time logit fusion (weight of the CAT part).
             logit_scale: temperature of the matching head's cosine logits.
             lr_scale: the CAT parameters' learning rate as a multiple of train.lr.
+            align: classifier alignment of the CAT part after every task (None: off).
         """
         super().__init__(embed_dim)
         self.loss_weight = loss_weight
@@ -97,11 +102,13 @@ class CatHead(Head):
         self.register_buffer("class_means", torch.empty(0, embed_dim))
         self._sums: torch.Tensor | None = None
         self._counts: torch.Tensor | None = None
+        self.align = align if align is not None and align.enabled else None
+        self.gaussians = ClassGaussians(embed_dim, self.align.rank) if self.align else None
 
     @classmethod
     def from_config(cls, cfg: HeadConfig, embed_dim: int) -> "CatHead":
         c = cfg.cat
-        return cls(embed_dim, c.loss_weight, c.fusion_weight, c.logit_scale, c.lr_scale)
+        return cls(embed_dim, c.loss_weight, c.fusion_weight, c.logit_scale, c.lr_scale, cfg.align)
 
     @property
     def num_classes(self) -> int:
@@ -126,14 +133,21 @@ class CatHead(Head):
             self._counts = torch.zeros(self.num_classes, dtype=torch.float64, device=features.device)
         self._sums.index_add_(0, labels, features.double())
         self._counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        if self.gaussians is not None and not self.training:  # the pass after training: inference's features
+            self.gaussians.observe(features, labels)
 
-    @torch.no_grad()
     def finish_task(self) -> None:
-        """The observed classes' prototypes become the means just seen; other classes keep theirs."""
+        """The observed classes' prototypes become the means just seen; other classes keep theirs. After
+        training (inference mode), the task's class statistics are kept and the CAT part aligned."""
         assert self._sums is not None and self._counts is not None, "observe first"
         seen = self._counts > 0
-        self.class_means[seen] = (self._sums[seen] / self._counts[seen, None]).to(self.class_means.dtype)
+        with torch.no_grad():
+            self.class_means[seen] = (self._sums[seen] / self._counts[seen, None]).to(self.class_means.dtype)
         self._sums = self._counts = None
+        if self.gaussians is not None and self.align is not None and not self.training:
+            self.gaussians.finish_task(self.num_classes - self.gaussians.num_classes)
+            cat_parameters = [self.weight, self.bias, *self.image_transform.parameters()]
+            align_head(self, self.gaussians, self.align, cat_parameters)
 
     def matching_logits(self, features: torch.Tensor) -> torch.Tensor:
         return self.logit_scale * F.normalize(features, dim=1) @ F.normalize(self.class_means, dim=1).T
@@ -161,4 +175,7 @@ class CatHead(Head):
         self.weight = nn.Parameter(torch.empty_like(state["weight"], device=device))
         self.bias = nn.Parameter(torch.empty_like(state["bias"], device=device))
         self.class_means = torch.empty_like(state["class_means"], device=device)
+        if self.gaussians is not None:
+            self.gaussians.load_grown_state(
+                {k.removeprefix("gaussians."): v for k, v in state.items() if k.startswith("gaussians.")})
         self.load_state_dict(state)
