@@ -57,15 +57,15 @@ def pipeline(params_path: str = "params.yaml", presets: list[str] | None = None,
     prompt_init_task(params_path)
     train_task(params_path, progress=progress)
     metrics = evaluate_task(params_path)
-    logger.info("A_last %.3f  A_avg %.3f  forgetting %s", metrics["A_last"], metrics["A_avg"], metrics["forgetting"])
+    forgetting = "–" if metrics["forgetting"] is None else f"{metrics['forgetting']:.3f}"
+    logger.info("A_last %.3f  A_avg %.3f  forgetting %s", metrics["A_last"], metrics["A_avg"], forgetting)
     registered = register_task(params_path)
-    return {"A_last": metrics["A_last"], "A_avg": metrics["A_avg"], "forgetting": metrics["forgetting"], **registered}
+    logger.info("registered %s version %s: gate=%s", registered["model_name"], registered["version"], registered["gate"])
+    return {"metrics": metrics, "registration": registered}
 
 
 if __name__ == "__main__":
     from promptcil.report import print_summary
-
-    from promptcil.artifacts import read_json
 
     parser = argparse.ArgumentParser(description="Run the whole promptcil pipeline as one Prefect flow.")
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
@@ -78,4 +78,4 @@ if __name__ == "__main__":
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     result = pipeline(args.params, args.preset)
-    print_summary(result, read_json(Path("outputs/evaluate/metrics.json")))
+    print_summary(result["metrics"], result["registration"])

@@ -3,9 +3,11 @@
 It starts from the registry's champion (its prompt, head, backbone and params),
 trains on the new classes' images ONLY, evaluates on every class seen (the
 champion's held-out set plus the new classes' held-out images) and registers a
-candidate version (review=pending). The champion alias is never moved here:
-a reviewer approves. A crash leaves the champion and its task list untouched,
-and the next run resumes from the run's checkpoints.
+candidate version (review=pending) whose gate judges, among the rest, its
+accuracy on the incoming classes' held-out images. The champion alias is never
+moved here: a reviewer approves. A crash leaves the champion and its task list
+untouched, and the next run with the same champion, params and incoming images
+resumes from the run's checkpoints (any other run folder starts clean).
 
     python flows/retrain.py                      # one run now
     python flows/retrain.py --serve [--cron ...] # Prefect serves it on a schedule
@@ -29,9 +31,11 @@ from promptcil import tracking  # noqa: E402
 from promptcil.artifacts import load_tensors, read_json, save_tensors, write_json  # noqa: E402
 from promptcil.config import load_params  # noqa: E402
 from promptcil.data import ImageSet, TaskSplit  # noqa: E402
-from promptcil.evaluation import accuracy_row, new_class_accuracy  # noqa: E402
+from promptcil.evaluation import accuracy_row, next_task_class_mean_accuracy  # noqa: E402
 from promptcil.incoming import read_incoming  # noqa: E402
 from promptcil.metrics import base_new_summary, summarize  # noqa: E402
+from promptcil.plots import write_accuracy_plots  # noqa: E402
+from promptcil.provenance import artifact_sha256, producer_record  # noqa: E402
 from promptcil.runtime import resolve_device  # noqa: E402
 from promptcil.train import IncrementalTrainer, task_state_path  # noqa: E402
 
@@ -90,9 +94,14 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
         champion_params, champ / "backbone", task_state_path(champ, split.num_tasks - 1)
     )
     new_train = ImageSet(incoming.train.images, incoming.train.labels + seen, incoming.names)
-    IncrementalTrainer(model, grown, champion_params.train, run_dir, device, progress=progress).run(
-        new_train, tasks=[new_task], resume=True
+    producer = producer_record(
+        {"champion": version, "method": champion_params.method.model_dump(mode="json"),
+         "head": champion_params.head.model_dump(mode="json"), "train": champion_params.train.model_dump(mode="json"),
+         "test_fraction": project.retrain.test_fraction, "split_seed": project.train.seed},
+        {"champion_state": artifact_sha256(task_state_path(champ, split.num_tasks - 1)), "incoming": incoming.sha256},
     )
+    logs = IncrementalTrainer(model, grown, champion_params.train, run_dir, device, progress=progress,
+                              producer=producer).run(new_train, tasks=[new_task], resume=True)
 
     class_names = tasks["class_names"] + incoming.names
     test = ImageSet(torch.cat([old_test.images, incoming.test.images]),
@@ -104,25 +113,27 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
     counts = old_metrics["test_samples_per_task"] + [len(incoming.test)]
     metrics = summarize(matrix, counts)
     metrics |= {"method": champion_params.method.name, "head": champion_params.head.name,
-                "test_samples_per_task": counts, "retrained_from": version}
-    if "new_after_task" in old_metrics:  # DePT's base/new, continued: the champion met these classes untrained
-        # among themselves by class means (a single new class has no "among": None)
-        champion_new = None if len(incoming.names) < 2 else new_class_accuracy(
+                "test_samples_per_task": counts, "retrained_from": version, "incoming_accuracy": new_row[-1]}
+    if "next_task_class_mean_after_task" in old_metrics:
+        # DePT's base/new, continued: how the untrained champion's class means separate the incoming classes
+        # among themselves (a single new class has no "among": None)
+        champion_next = None if len(incoming.names) < 2 else next_task_class_mean_accuracy(
             model, task_state_path(champ, split.num_tasks - 1), split.num_tasks - 1, new_train, test, grown,
             champion_params.eval.batch_size, device)
         metrics |= base_new_summary(metrics["accuracy_after_task"],
-                                    old_metrics["new_after_task"][:-1] + [champion_new, None])
+                                    old_metrics["next_task_class_mean_after_task"][:-1] + [champion_next, None])
     out = run_dir / "version"
     write_json(out / "tasks.json", {**tasks, "split": grown.to_dict(), "num_tasks": grown.num_tasks,
                                     "class_names": class_names})
     save_tensors(out / "test.safetensors", {"images": test.images, "labels": test.labels}, kind="image_data",
                  metadata={**eval_manifest["metadata"], "class_names": class_names})
     write_json(out / "metrics.json", metrics)
+    write_accuracy_plots(metrics, out)
     registered = tracking.log_pipeline_run(
         registry=project.registry,
         params=champion_params.model_dump(mode="json"),
         metrics=metrics,
-        task_logs=[{"task": new_task, "samples": len(new_train), "epoch_losses": []}],
+        task_logs=[{"task": log.task, "samples": log.samples, "epoch_losses": log.epoch_losses} for log in logs],
         artifact_dirs={"evaluate": out},
         tags={"retrained_from": version, "new_classes": json.dumps(incoming.names)},
         model_code=Path(promptcil.serving.__file__),
@@ -130,8 +141,10 @@ def retrain(params_path: str = "params.yaml", progress: bool = False) -> dict:
             params=champ / "params.yaml", backbone=champ / "backbone", task_state=state,
             tasks=out / "tasks.json", eval_set=out / "test.safetensors", metrics=out / "metrics.json",
         ),
+        input_example=test.images[:2].numpy(),
     )
-    logger.info("registered %s version %s (review=pending); A_last %.3f", name, registered["version"], metrics["A_last"])
+    logger.info("registered %s version %s (review=pending, gate=%s); A_last %.3f, incoming classes %.3f",
+                name, registered["version"], registered["gate"], metrics["A_last"], metrics["incoming_accuracy"])
     return {"status": "registered", "new_classes": incoming.names, "A_last": metrics["A_last"], **registered}
 
 

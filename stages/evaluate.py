@@ -1,5 +1,6 @@
-"""evaluate: the accuracy matrix over tasks, A_last, A_avg, forgetting, base/new/HM after each task
-(DePT's protocol mapped to CIL), GFLOPs and parameters, plus DVC plots (accuracy matrix as a table,
+"""evaluate: the accuracy matrix over tasks, A_last, A_avg, forgetting, the newest task's accuracy and
+base/next-task/HM after each task (DePT's protocol mapped to CIL), the joint upper bound (the same head
+fitted on all classes at once), GFLOPs and parameters, plus DVC plots (accuracy matrix as a table,
 accuracy after each task)."""
 
 from __future__ import annotations
@@ -8,9 +9,9 @@ import sys
 from pathlib import Path
 
 from promptcil.artifacts import write_json
-from promptcil.evaluation import accuracy_matrix, base_new
+from promptcil.evaluation import accuracy_matrix, base_new, joint_upper_bound
 from promptcil.metrics import count_parameters, gflops_per_image, summarize
-from promptcil.plots import accuracy_after_task_png, accuracy_matrix_png
+from promptcil.plots import write_accuracy_plots
 from promptcil.train import load_task_state, task_state_path
 
 from stages.common import EVALUATE, TRAIN, device_for, image_set, params, run_stage, task_split
@@ -26,9 +27,12 @@ def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, trai
     test = image_set("test")
     matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
     metrics = summarize(matrix, counts)
-    metrics |= base_new(model, states, metrics["accuracy_after_task"], image_set("train"), test, split,
+    train = image_set("train")
+    metrics |= base_new(model, states, metrics["accuracy_after_task"], train, test, split,
                         p.eval.batch_size, device)
     load_task_state(model, states[-1])
+    joint = joint_upper_bound(model, p.head, p.train, train, test, p.eval.batch_size, device)
+    metrics |= {"A_joint": joint, "A_last_vs_joint": metrics["A_last"] / joint if joint > 0 else None}
     model.eval()
     example = test.images[:8].to(device)
     model.method.detach()  # the plain backbone's cost, for the ratio
@@ -45,15 +49,7 @@ def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, trai
         "test_samples_per_task": counts,
     }
     write_json(out / "metrics.json", metrics)
-    write_json(out / "plots" / "accuracy_after_task.json", [
-        {"task": t, "accuracy": a} for t, a in enumerate(metrics["accuracy_after_task"])
-    ])
-    write_json(out / "plots" / "accuracy_matrix.json", [
-        {"after_task": i, "on_task": j, "accuracy": a}
-        for i, row in enumerate(matrix) for j, a in enumerate(row) if a is not None
-    ])
-    accuracy_matrix_png(matrix, out / "plots" / "accuracy_matrix.png")
-    accuracy_after_task_png(metrics["accuracy_after_task"], out / "plots" / "accuracy_after_task.png")
+    write_accuracy_plots(metrics, out)
     return metrics
 
 

@@ -11,7 +11,7 @@ from promptcil import tracking
 from promptcil.artifacts import read_json, write_json
 from promptcil.train import task_state_path
 
-from stages.common import BACKBONE, EVALUATE, PREPARE, PROMPT_INIT, REGISTER, TRAIN, params, run_stage
+from stages.common import BACKBONE, EVALUATE, PREPARE, PROMPT_INIT, REGISTER, TRAIN, image_set, params, run_stage
 
 
 def _git_commit() -> str:
@@ -57,6 +57,7 @@ def register(params_path: str | Path = "params.yaml", out: Path = REGISTER) -> d
             eval_set=PREPARE / "test.safetensors",
             metrics=EVALUATE / "metrics.json",
         ),
+        input_example=image_set("test").images[:2].numpy(),
     )
     result["tracking_uri"] = uri
     write_json(out / "registration.json", result)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from promptcil.config import Params, parse_params
+from promptcil.config import GateConfig, Params, parse_params
 from promptcil.data import ImageSet, TaskSplit, load_split, make_task_split, subset
 from promptcil.model import IncrementalModel
 from promptcil.pretrain import pretrain_backbone
@@ -18,6 +18,10 @@ torch.set_num_threads(2)
 
 # A ViT small enough for CPU tests: 8x8 digits at 16 px, 16 patches of 4x4.
 TINY_BACKBONE = {"img_size": 16, "patch_size": 4, "depth": 4, "embed_dim": 48, "num_heads": 3}
+
+
+# The quality gate off: for tests of review mechanics on the tiny pipeline's model (which is not trained to pass it).
+NO_GATE = GateConfig(**{key: None for key in GateConfig.model_fields})
 
 
 def make_params(**sections: dict) -> Params:
@@ -108,7 +112,7 @@ REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 TINY_PIPELINE_PARAMS = {
     "backbone": {**TINY_BACKBONE, "source": "pretrain", "pretrain": {"epochs": 10, "lr": 2e-3}},
     "train": {"epochs": 1, "batch_size": 32, "device": "cpu"},
-    "registry": {"gate": {"min_A_last": None, "max_forgetting": None}},
+    "registry": {"gate": NO_GATE.model_dump()},
 }
 
 

@@ -20,6 +20,8 @@ from promptcil.cli import app
 from promptcil.config import RegistryConfig
 from promptcil.evaluation import predict
 
+from conftest import NO_GATE
+
 runner = CliRunner(env={"COLUMNS": "200"})
 
 
@@ -37,7 +39,8 @@ def project(tmp_path, monkeypatch, logged_model) -> Iterator[Path]:
 
 
 def register(logged_model: dict, name: str = "promptcil") -> str:
-    registered = tracking.register_version(RegistryConfig(model_name=name), logged_model["uri"], logged_model["metrics"])
+    registry = RegistryConfig(model_name=name, gate=NO_GATE)
+    registered = tracking.register_version(registry, logged_model["uri"], logged_model["metrics"])
     return registered["version"]
 
 

@@ -113,7 +113,7 @@ def test_repro_runs_every_stage_and_writes_metrics(repo: Repo):
     assert 0.0 <= metrics["A_last"] <= 1.0
     assert len(metrics["accuracy_matrix"]) == 4  # digits: B4 + 3 tasks of 2
     assert metrics["base_after_task"] == metrics["accuracy_after_task"]
-    assert metrics["new_after_task"][-1] is None and all(0 <= n <= 1 for n in metrics["new_after_task"][:-1])
+    assert metrics["next_task_class_mean_after_task"][-1] is None and all(0 <= n <= 1 for n in metrics["next_task_class_mean_after_task"][:-1])
     assert len(task_states(repo.dir)) == 4
     registration = json.loads((repo.dir / "outputs" / "register" / "registration.json").read_text())
     assert registration["version"] == "1"

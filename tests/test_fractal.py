@@ -113,8 +113,8 @@ def test_an_unsatisfiable_filter_fails_in_one_line():
         fractal_images(FractalConfig(classes=1, images_per_class=1, min_filled_fraction=0.99), 16, progress=False)
 
 
-def test_presets_pretrain_on_fractals_and_split_every_class_into_tasks_of_two():
-    digits = parse_params(merged_params(REPO / "params.yaml", REPO / "configs" / "fractal-digits.yaml"))
+def test_the_default_and_the_fashion_preset_pretrain_on_fractals_and_split_every_class_into_tasks_of_two():
+    digits = parse_params(merged_params(REPO / "params.yaml"))
     fashion = parse_params(merged_params(REPO / "params.yaml", REPO / "configs" / "fractal-fashion-mnist.yaml"))
     for params, source in ((digits, "digits"), (fashion, "fashion_mnist")):
         assert params.data.source == source

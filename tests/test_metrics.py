@@ -51,6 +51,7 @@ def test_forgetting_uses_best_accuracy_before_last_task_and_is_not_clamped() -> 
     assert result["forgetting"] == pytest.approx(0.35 / 3)
     # after the last task: (10*0.6 + 20*0.5 + 30*0.95 + 40*0.4) / 100 = (6 + 10 + 28.5 + 16) / 100
     assert result["A_last"] == pytest.approx(0.605)
+    assert result["newest_task_accuracy_after_task"] == [0.5, 0.8, 0.9, 0.4]  # the diagonal
 
 
 def test_single_task_has_no_forgetting() -> None:
@@ -58,6 +59,7 @@ def test_single_task_has_no_forgetting() -> None:
     assert result == {
         "accuracy_matrix": [[0.83]],
         "accuracy_after_task": [0.83],
+        "newest_task_accuracy_after_task": [0.83],
         "A_last": 0.83,
         "A_avg": 0.83,
         "forgetting": None,

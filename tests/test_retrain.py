@@ -31,8 +31,9 @@ def load_retrain_flow():
     return module.retrain
 
 
-def write_new_class(folder: Path, fashion_label: int, count: int, tmp: Path) -> None:
-    """Real images of a class digits does not have (Fashion-MNIST), as PNG files."""
+def write_new_class(folder: Path, fashion_label: int, count: int, tmp: Path, skip: int = 0) -> None:
+    """Real images of a class digits does not have (Fashion-MNIST), as PNG files: `count` of the class's test
+    images after the first `skip`."""
     from torchvision.datasets import FashionMNIST
 
     raw = tmp / "fm" / "FashionMNIST" / "raw"
@@ -44,7 +45,7 @@ def write_new_class(folder: Path, fashion_label: int, count: int, tmp: Path) -> 
         (raw / name).touch()
     data = FashionMNIST(tmp / "fm", train=False, download=False)
     folder.mkdir(parents=True, exist_ok=True)
-    for i in (data.targets == fashion_label).nonzero().flatten()[:count].tolist():
+    for i in (data.targets == fashion_label).nonzero().flatten()[skip:skip + count].tolist():
         Image.fromarray(data.data[i].numpy()).save(folder / f"{i}.png")
 
 
@@ -105,15 +106,15 @@ def test_retrain_continues_base_and_new_with_the_champion_meeting_the_new_classe
     local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}", dst_path=str(project / "dl")))
     metrics = json.loads((local / "artifacts" / "metrics.json").read_text())
     old = json.loads((project / "outputs" / "evaluate" / "metrics.json").read_text())
-    tasks = len(old["new_after_task"]) + 1
-    assert metrics["new_after_task"][: tasks - 2] == old["new_after_task"][:-1]
-    champion_new = metrics["new_after_task"][tasks - 2]
+    tasks = len(old["next_task_class_mean_after_task"]) + 1
+    assert metrics["next_task_class_mean_after_task"][: tasks - 2] == old["next_task_class_mean_after_task"][:-1]
+    champion_new = metrics["next_task_class_mean_after_task"][tasks - 2]
     assert champion_new is not None and 0.0 <= champion_new <= 1.0
-    assert metrics["new_after_task"][-1] is None  # nothing after the new task yet
+    assert metrics["next_task_class_mean_after_task"][-1] is None  # nothing after the new task yet
     assert metrics["base_after_task"] == metrics["accuracy_after_task"]
     assert metrics["HM_after_task"][tasks - 2] == harmonic_mean(metrics["base_after_task"][tasks - 2], champion_new)
     run = MlflowClient().get_run(MlflowClient().get_model_version("promptcil", result["version"]).run_id)
-    assert run.data.metrics["new_avg"] == pytest.approx(metrics["new_avg"])
+    assert run.data.metrics["next_task_class_mean_avg"] == pytest.approx(metrics["next_task_class_mean_avg"])
 
 
 def write_digits_tree(root: Path, classes: list[int], train_images: dict[int, list] | None = None) -> None:

@@ -30,6 +30,8 @@ from promptcil.config import GateConfig, RegistryConfig
 from promptcil.evaluation import predict
 from promptcil.tracking import ReviewError
 
+from conftest import NO_GATE
+
 
 def use_store(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Select `uri` the way users do (MLFLOW_TRACKING_URI + configure), undone by `monkeypatch`."""
@@ -57,7 +59,7 @@ def name(store, request) -> str:
 
 
 def register(logged_model: dict, name: str, gate: GateConfig | None = None) -> str:
-    registry = RegistryConfig(model_name=name, gate=gate or GateConfig())
+    registry = RegistryConfig(model_name=name, gate=gate or NO_GATE)
     registered = tracking.register_version(registry, logged_model["uri"], logged_model["metrics"], logged_model["run_id"])
     return registered["version"]
 
@@ -92,8 +94,8 @@ def test_pipeline_run_is_tracked_and_registered(pipeline_project):
     for run in children:
         assert {"accuracy_seen_classes", "loss", "train_samples", "base_accuracy"} <= set(run.data.metrics)
         # the last task has no next task, hence no new-class accuracy
-        assert ({"new_accuracy", "HM"} <= set(run.data.metrics)) == (run.info.run_name != last)
-    for key in ("base_avg", "new_avg", "HM_avg"):
+        assert ({"next_task_class_mean_accuracy", "HM"} <= set(run.data.metrics)) == (run.info.run_name != last)
+    for key in ("base_avg", "next_task_class_mean_avg", "HM_avg"):
         assert parent.data.metrics[key] == pytest.approx(pipeline_project["metrics"][key])
 
     assert "evaluate/metrics.json" in [f.path for f in client.list_artifacts(parent.info.run_id, "evaluate")]
@@ -146,7 +148,7 @@ def test_rejected_version_cannot_become_champion(name, logged_model):
 
 def test_gate_failed_cannot_be_approved(name, logged_model):
     assert logged_model["metrics"]["A_last"] < 0.99
-    version = register(logged_model, name, GateConfig(min_A_last=0.99))
+    version = register(logged_model, name, NO_GATE.model_copy(update={"min_A_last": 0.99}))
     assert tags(name, version)["gate"] == "failed"
     with pytest.raises(ReviewError, match="failed the quality gate \\(A_last 0.\\d+ < 0.99\\)"):
         tracking.approve(name, version, reviewer="ada")
@@ -209,7 +211,7 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path, logged_model, 
     env["MLFLOW_TRACKING_URI"] = uri
     go = tmp_path / "go"
     readies = [tmp_path / f"ready-{i}" for i in range(2)]
-    metrics = json.dumps({k: logged_model["metrics"][k] for k in ("A_last", "A_avg", "forgetting")})
+    metrics = json.dumps({k: logged_model["metrics"][k] for k in ("A_last", "A_avg", "forgetting", "accuracy_matrix")})
     workers = [
         subprocess.Popen(
             [sys.executable, "-c", REGISTER_AT_ONCE, str(ready), str(go), logged_model["uri"], metrics],
@@ -228,7 +230,7 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path, logged_model, 
 
     use_store(uri, monkeypatch)
     assert [(v["version"], v["review"], v["gate"]) for v in tracking.list_versions("shared")] == [
-        ("2", "pending", "passed"), ("1", "pending", "passed"),
+        ("2", "pending", "failed"), ("1", "pending", "failed"),  # the tiny model fails params' default gate
     ]
 
 

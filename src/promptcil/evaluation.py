@@ -1,6 +1,7 @@
-"""Accuracy of every task's state on every seen task (the CIL accuracy matrix), and DePT's base/new
+"""Accuracy of every task's state on every seen task (the CIL accuracy matrix); DePT's base/new
 measurement mapped to CIL: after each task, how well the model knows what it was trained on (base) and
-how well its features alone separate the classes that come next (new)."""
+how well its features alone separate the classes that come next (next_task_class_mean); and the joint
+upper bound, the same head fitted on all classes at once on the final model's features."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from promptcil.config import HeadConfig, TrainConfig
 from promptcil.data import ImageSet, TaskSplit, device_batches, subset
+from promptcil.heads import Head, create_head
+from promptcil.heads.ensemble import EnsembleHead
 from promptcil.metrics import base_new_summary
 from promptcil.model import IncrementalModel
 from promptcil.runtime import autocast_for
-from promptcil.train import load_task_state
+from promptcil.train import epoch_lr, load_task_state, make_optimizer
 
 
 @torch.no_grad()
@@ -93,7 +97,7 @@ def nearest_prototype_accuracy(
     return (classes[cosine.mean(0).argmax(1)] == test_labels).double().mean().item()
 
 
-def new_class_accuracy(
+def next_task_class_mean_accuracy(
     model: IncrementalModel, task_state: Path, task: int, train_set: ImageSet, test_set: ImageSet,
     split: TaskSplit, batch_size: int, device: torch.device,
 ) -> float:
@@ -113,10 +117,63 @@ def base_new(
     model: IncrementalModel, task_states: list[Path], accuracy_after_task: list[float], train_set: ImageSet,
     test_set: ImageSet, split: TaskSplit, batch_size: int, device: torch.device,
 ) -> dict[str, Any]:
-    """Base, new and HM after every task (see `promptcil.metrics.base_new_summary`). Base after task t is
-    the accuracy on the classes trained so far, i.e. `accuracy_after_task[t]` of the accuracy matrix."""
-    new: list[float | None] = [
-        new_class_accuracy(model, path, t, train_set, test_set, split, batch_size, device)
+    """Base, next-task class-mean accuracy and HM after every task (see `promptcil.metrics.base_new_summary`).
+    Base after task t is the accuracy on the classes trained so far, `accuracy_after_task[t]`."""
+    next_task: list[float | None] = [
+        next_task_class_mean_accuracy(model, path, t, train_set, test_set, split, batch_size, device)
         for t, path in enumerate(task_states[:-1])
     ]
-    return base_new_summary(accuracy_after_task, new + [None])
+    return base_new_summary(accuracy_after_task, next_task + [None])
+
+
+def joint_upper_bound(
+    model: IncrementalModel, head_cfg: HeadConfig, train_cfg: TrainConfig, train_set: ImageSet, test_set: ImageSet,
+    batch_size: int, device: torch.device,
+) -> float:
+    """A_last's ceiling on these features: a fresh head of the model's kind fitted on ALL classes of
+    `train_set` at once (joint training, so no alignment), on the features the model has now (the frozen
+    backbone's, the first-task-adapted prompt's, or the last task's prompt), scored on `test_set`.
+    Analytic heads (prototype, ridge) are exact, so for them the bound equals A_last."""
+    train_features = features_of(model, train_set, batch_size, device)  # (members, N, D)
+    test_features = features_of(model, test_set, batch_size, device)
+    members, _, dim = train_features.shape
+    cfg = head_cfg.model_copy(update={"align": head_cfg.align.model_copy(update={"enabled": False})})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(train_cfg.seed)
+        heads = [create_head(cfg, dim) for _ in range(members)]
+        head: Head = (heads[0] if members == 1 else EnsembleHead(heads)).to(device)  # before it grows: its
+        head.add_classes(int(train_set.labels.max()) + 1)  # running sums are made on its device
+    labels = train_set.labels.to(device)
+
+    def rows(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return features[:, index.cpu()].reshape(-1, dim).to(device)  # member-major, as the model emits them
+
+    def show(training: bool) -> None:
+        head.train(training)
+        order = torch.arange(len(labels))
+        for index in order.split(batch_size):
+            head.observe(rows(train_features, index), labels[index.to(device)])
+        head.finish_task()
+
+    if head.observes_before_training:
+        show(training=True)
+    if head.trainable:
+        optimizer = make_optimizer(train_cfg, head.param_groups())
+        generator = torch.Generator().manual_seed(train_cfg.seed)
+        head.train()
+        for epoch in range(train_cfg.epochs):
+            for group in optimizer.param_groups:
+                group["lr"] = epoch_lr(train_cfg, epoch) * group.get("lr_scale", 1.0)
+            for index in torch.randperm(len(labels), generator=generator).split(train_cfg.batch_size):
+                loss = head.loss(rows(train_features, index), labels[index.to(device)], 0)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    if head.observes:
+        with torch.no_grad():
+            show(training=False)
+    head.eval()
+    with torch.no_grad():
+        predictions = torch.cat([head(rows(test_features, index)).argmax(1).cpu()
+                                 for index in torch.arange(len(test_set)).split(batch_size)])
+    return (predictions == test_set.labels).float().mean().item()

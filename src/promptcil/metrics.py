@@ -73,6 +73,8 @@ def summarize(acc_matrix: list[list[float | None]], test_counts: list[int]) -> d
     return {
         "accuracy_matrix": [list(row) for row in acc_matrix],
         "accuracy_after_task": after_task,
+        # a[i][i]: what a task's training taught, right after it (0 for a model that never predicts its new classes)
+        "newest_task_accuracy_after_task": [acc_matrix[i][i] for i in range(num_tasks)],
         "A_last": after_task[last],
         "A_avg": sum(after_task) / num_tasks,
         "forgetting": forgetting,
@@ -84,24 +86,25 @@ def harmonic_mean(base: float, new: float) -> float:
     return 0.0 if base + new == 0 else 2 * base * new / (base + new)
 
 
-def base_new_summary(base: list[float], new: list[float | None]) -> dict[str, Any]:
-    """Per task t: base (accuracy on the classes trained so far), new (task t+1's classes from prototypes
-    alone; None for the last task) and their harmonic mean; plus their means over the tasks that have a
-    new accuracy, so that the three averages cover the same tasks (None when no task has one)."""
-    if len(base) != len(new):
-        raise ValueError(f"base has {len(base)} tasks but new has {len(new)}")
-    hm = [None if n is None else harmonic_mean(b, n) for b, n in zip(base, new)]
-    defined = [t for t, n in enumerate(new) if n is not None]
+def base_new_summary(base: list[float], next_task: list[float | None]) -> dict[str, Any]:
+    """DePT's base-to-new protocol mapped to CIL. Per task t: base (accuracy on the classes trained so far),
+    next_task_class_mean (the class-mean accuracy on task t+1's classes BEFORE training on them, from the
+    features alone; None for the last task) and their harmonic mean HM; plus their means over the tasks
+    that have a next task, so that the three averages cover the same tasks (None when none has)."""
+    if len(base) != len(next_task):
+        raise ValueError(f"base has {len(base)} tasks but next_task has {len(next_task)}")
+    hm = [None if n is None else harmonic_mean(b, n) for b, n in zip(base, next_task)]
+    defined = [t for t, n in enumerate(next_task) if n is not None]
 
     def mean(values: list[Any]) -> float | None:
         return sum(values[t] for t in defined) / len(defined) if defined else None
 
     return {
         "base_after_task": list(base),
-        "new_after_task": list(new),
+        "next_task_class_mean_after_task": list(next_task),
         "HM_after_task": hm,
         "base_avg": mean(base),
-        "new_avg": mean(new),
+        "next_task_class_mean_avg": mean(next_task),
         "HM_avg": mean(hm),
     }
 

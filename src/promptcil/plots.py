@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from promptcil.artifacts import atomic_write_bytes  # noqa: E402
+from promptcil.artifacts import atomic_write_bytes, write_json  # noqa: E402
 
 
 def _save(fig, path: Path) -> None:
@@ -63,3 +63,18 @@ def layer_affinity_png(affinity: np.ndarray, path: Path, anchors: list[int] | No
     ax.set_title("layer affinity" + (f" (levels start at {anchors})" if anchors else ""))
     fig.colorbar(image, ax=ax, fraction=0.046)
     _save(fig, path)
+
+
+def write_accuracy_plots(metrics: dict, folder: Path) -> None:
+    """The plots a run carries (pipeline and retrain alike): the accuracy matrix and the accuracy after each
+    task, as JSON for `dvc plots` and as PNG for MLflow, under `folder`/plots."""
+    plots = Path(folder) / "plots"
+    write_json(plots / "accuracy_after_task.json", [
+        {"task": t, "accuracy": a} for t, a in enumerate(metrics["accuracy_after_task"])
+    ])
+    write_json(plots / "accuracy_matrix.json", [
+        {"after_task": i, "on_task": j, "accuracy": a}
+        for i, row in enumerate(metrics["accuracy_matrix"]) for j, a in enumerate(row) if a is not None
+    ])
+    accuracy_matrix_png(metrics["accuracy_matrix"], plots / "accuracy_matrix.png")
+    accuracy_after_task_png(metrics["accuracy_after_task"], plots / "accuracy_after_task.png")

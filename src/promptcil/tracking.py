@@ -10,8 +10,11 @@ is not approved, or failed the quality gate, never stays champion.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
+import io
+import logging
 import os
 import tempfile
 from datetime import UTC, datetime
@@ -19,16 +22,27 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema, TensorSpec
 
 from promptcil.config import GateConfig, RegistryConfig, flatten
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # What one number per run says about it: logged for pipeline runs and for every run of a study.
-SUMMARY_METRICS = ("A_last", "A_avg", "forgetting", "base_avg", "new_avg", "HM_avg", "gflops_per_image",
+SUMMARY_METRICS = ("A_last", "A_avg", "forgetting", "newest_task_accuracy", "base_accuracy", "incoming_accuracy",
+                   "A_joint",
+                   "A_last_vs_joint", "base_avg", "next_task_class_mean_avg", "HM_avg", "gflops_per_image",
                    "trainable_params")
+# Per task (MLflow steps), as in pipeline runs, study runs and retrain runs: metric name -> metrics.json list.
+PER_TASK_METRICS = {"accuracy_seen_classes": "accuracy_after_task",
+                    "newest_task_accuracy": "newest_task_accuracy_after_task",
+                    "base_accuracy": "base_after_task",
+                    "next_task_class_mean_accuracy": "next_task_class_mean_after_task",
+                    "HM": "HM_after_task"}
 CHAMPION = "champion"
 
 
@@ -37,6 +51,11 @@ class ReviewError(ValueError):
 
 
 def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow at MLFLOW_TRACKING_URI (else the project's sqlite store) and keep its console quiet:
+    no progress bar per artifact copied, no INFO lines about creating tables."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -75,14 +94,31 @@ def _create_sqlite_store(uri: str, db: Path) -> None:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def summary_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """One number per run: the summary metrics present in `metrics`, plus what the last row of the accuracy
+    matrix says about the newest and the base classes."""
+    last_row = metrics["accuracy_matrix"][-1]
+    values = dict(metrics) | {"newest_task_accuracy": last_row[-1], "base_accuracy": last_row[0]}
+    return {key: float(values[key]) for key in SUMMARY_METRICS if values.get(key) is not None}
+
+
 def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
-    """Why a version fails the quality gate (empty: it passes)."""
+    """Why a version fails the quality gate (empty: it passes). A retrain's newest task is the incoming
+    classes, scored on their held-out images."""
+    last_row = metrics["accuracy_matrix"][-1]
+    newest = "incoming classes (held-out images)" if metrics.get("retrained_from") else "newest task's classes"
+    checks = [
+        ("A_last", metrics["A_last"], gate.min_A_last, "<"),
+        ("forgetting", metrics.get("forgetting"), gate.max_forgetting, ">"),
+        (newest, last_row[-1], gate.min_newest_task_accuracy, "<"),
+        ("base classes (task 0)", last_row[0], gate.min_base_accuracy, "<"),
+    ]
     failures = []
-    if gate.min_A_last is not None and metrics["A_last"] < gate.min_A_last:
-        failures.append(f"A_last {metrics['A_last']:.3f} < {gate.min_A_last}")
-    forgetting = metrics.get("forgetting")
-    if gate.max_forgetting is not None and forgetting is not None and forgetting > gate.max_forgetting:
-        failures.append(f"forgetting {forgetting:.3f} > {gate.max_forgetting}")
+    for label, value, bound, fails_if in checks:
+        if bound is None or value is None:
+            continue
+        if (value < bound) if fails_if == "<" else (value > bound):
+            failures.append(f"{label} {value:.3f} {fails_if} {bound}")
     return failures
 
 
@@ -95,23 +131,23 @@ def log_pipeline_run(
     tags: dict[str, str],
     model_code: Path,
     model_artifacts: dict[str, str],
+    input_example: np.ndarray,
 ) -> dict[str, Any]:
     """Log the run and register its prompt as a new model version tagged review=pending,
-    and gate=passed or gate=failed (with the reasons) from params' quality gate."""
+    and gate=passed or gate=failed (with the reasons) from params' quality gate.
+
+    `input_example`: a few uint8 images (N, C, H, W) as the model takes them; with the signature it
+    tells a reviewer and `mlflow models serve` what the model expects."""
     mlflow.set_experiment(registry.experiment)
     with mlflow.start_run(run_name=f"{params['method']['name']}-{params['data']['source']}") as parent:
         mlflow.set_tags(tags | {"method": params["method"]["name"]})
         mlflow.log_params(flatten(params))
-        for t, row in enumerate(metrics["accuracy_after_task"]):
-            mlflow.log_metric("accuracy_seen_classes", row, step=t)
-            mlflow.log_metrics(_base_new_of_task(metrics, t), step=t)
-        for key in SUMMARY_METRICS:
-            if metrics.get(key) is not None:
-                mlflow.log_metric(key, float(metrics[key]))
+        for t in range(len(metrics["accuracy_after_task"])):
+            mlflow.log_metrics(per_task_values(metrics, t), step=t)
+        mlflow.log_metrics(summary_values(metrics))
         for log in task_logs:
             with mlflow.start_run(run_name=f"task-{log['task']}", nested=True):
-                mlflow.log_metric("accuracy_seen_classes", metrics["accuracy_after_task"][log["task"]])
-                mlflow.log_metrics(_base_new_of_task(metrics, log["task"]))
+                mlflow.log_metrics(per_task_values(metrics, log["task"]))
                 mlflow.log_metric("train_samples", log["samples"])
                 for epoch, loss in enumerate(log["epoch_losses"]):
                     mlflow.log_metric("loss", loss, step=epoch)
@@ -119,10 +155,18 @@ def log_pipeline_run(
             mlflow.log_artifacts(str(folder), artifact_path=name)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(model_code), artifacts=model_artifacts,
-            pip_requirements=serving_requirements(),
+            pip_requirements=serving_requirements(), signature=model_signature(input_example),
+            input_example=input_example,
         )
         run_id = parent.info.run_id
     return register_version(registry, info.model_uri, metrics, run_id=run_id)
+
+
+def model_signature(example: np.ndarray) -> ModelSignature:
+    """uint8 images (N, C, H, W) in — grey or RGB, any size: the model resizes on its device — one class
+    name per image out."""
+    images = TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))
+    return ModelSignature(inputs=Schema([images]), outputs=Schema([ColSpec("string", name="class_name")]))
 
 
 def start_study(name: str, params: dict[str, Any], spec_file: Path) -> tuple[str, str]:
@@ -157,13 +201,12 @@ def log_study_run(
     run_id = run.info.run_id
     _log_params(client, run_id, flatten(params))
     now = int(datetime.now(UTC).timestamp() * 1000)
-    metrics = [Metric(key, float(result[key]), now, 0) for key in SUMMARY_METRICS if result.get(key) is not None]
+    metrics = [Metric(key, value, now, 0) for key, value in summary_values(result).items()]
     seconds = result.get("seconds_per_task") or []
     if seconds:
         metrics.append(Metric("seconds_per_task", sum(seconds) / len(seconds), now, 0))
-    for task, accuracy in enumerate(result.get("accuracy_after_task") or []):
-        metrics.append(Metric("accuracy_seen_classes", float(accuracy), now, task))  # as in pipeline runs
-        metrics += [Metric(key, value, now, task) for key, value in _base_new_of_task(result, task).items()]
+    for task in range(len(result.get("accuracy_after_task") or [])):  # per task, as in pipeline runs
+        metrics += [Metric(key, value, now, task) for key, value in per_task_values(result, task).items()]
     client.log_batch(run_id, metrics=metrics)
     for path in artifacts:
         client.log_artifact(run_id, str(path))
@@ -186,12 +229,15 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> No
         client.log_batch(run_id, params=items[start:start + 100])
 
 
-def _base_new_of_task(metrics: dict[str, Any], task: int) -> dict[str, float]:
-    """Task `task`'s base, new and HM accuracies as MLflow metrics; new and HM do not exist for the last
-    task, and metrics written before the base/new measurement (or a study row without them) have none."""
-    values = {name: metrics.get(f"{key}_after_task") or []
-              for name, key in (("base_accuracy", "base"), ("new_accuracy", "new"), ("HM", "HM"))}
-    return {name: float(v[task]) for name, v in values.items() if task < len(v) and v[task] is not None}
+def per_task_values(metrics: dict[str, Any], task: int) -> dict[str, float]:
+    """Task `task`'s per-task metrics (PER_TASK_METRICS) present in `metrics`: the next task's class-mean
+    accuracy and HM do not exist for the last task, and older metrics (or a study row) may lack some."""
+    values = {}
+    for name, key in PER_TASK_METRICS.items():
+        series = metrics.get(key) or []
+        if task < len(series) and series[task] is not None:
+            values[name] = float(series[task])
+    return values
 
 
 def serving_requirements() -> list[str]:
@@ -218,13 +264,16 @@ def register_version(
         tags["run_id"] = run_id
     if failures:
         tags["gate_reasons"] = "; ".join(failures)
-    tags |= {key: f"{metrics[key]:.4f}" for key in ("A_last", "A_avg", "forgetting") if metrics.get(key) is not None}
-    version = mlflow.register_model(model_uri, registry.model_name, tags=tags)
+    tags |= {key: f"{value:.4f}" for key, value in summary_values(metrics).items()
+             if key in ("A_last", "A_avg", "forgetting", "newest_task_accuracy", "base_accuracy")}
+    with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered..." itself
+        version = mlflow.register_model(model_uri, registry.model_name, tags=tags)
     return {
         "run_id": run_id,
         "model_name": registry.model_name,
         "version": str(version.version),
         "gate": tags["gate"],
+        "gate_reasons": tags.get("gate_reasons"),
         "model_uri": model_uri,
     }
 
