@@ -40,7 +40,7 @@ from promptcil.data.sources import DEBIAN_FASHION_MNIST, decompress_atomically
 
 PROTOCOLS = {
     "fashion_mnist": REPO / "configs" / "fractal-fashion-mnist.yaml",
-    "digits": REPO / "configs" / "fractal-digits.yaml",
+    "digits": REPO / "params.yaml",  # the default: fractal pretraining, digits as 5 tasks of 2
 }
 BACKBONES = ("fractal", "fashion", "random")
 METHODS = {

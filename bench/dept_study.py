@@ -42,4 +42,4 @@ def variants() -> list[Variant]:
 
 
 if __name__ == "__main__":
-    study_cli("dept", variants(), __doc__, columns={"base": "base_avg", "new": "new_avg", "HM": "HM_avg"})
+    study_cli("dept", variants(), __doc__, columns={"base": "base_avg", "next task": "next_task_class_mean_avg", "HM": "HM_avg"})
