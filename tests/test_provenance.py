@@ -106,3 +106,25 @@ def test_a_rerun_with_other_params_over_existing_outputs_equals_a_clean_run(tmp_
         lines = [r.getMessage() for r in caplog.records if "starting clean" in r.getMessage()]
         assert len(lines) == 1 and "outputs/train was written with other " in lines[0]
         assert ".head." in lines[0]
+
+
+def test_an_interrupted_run_whose_inputs_changed_starts_clean(random_backbone, digits_tasks, tmp_path):
+    """What a retrain's work folder meets when the incoming images change under the same class names:
+    the trainer's producer names the inputs' sha256, so the old checkpoints are not continued."""
+    import torch
+
+    from promptcil.data import ImageSet
+
+    from conftest import Interrupted, interrupt_after, make_params, train_run
+
+    params = make_params(method={"name": "apt"}, train={"epochs": 2})
+    other = ImageSet(digits_tasks.train.images.flip(-1), digits_tasks.train.labels, digits_tasks.train.class_names)
+    changed = type(digits_tasks)(digits_tasks.split, other, digits_tasks.test)
+    old = producer_record({"train": params.train.model_dump(mode="json")}, {"images": "old"})
+    new = producer_record({"train": params.train.model_dump(mode="json")}, {"images": "new"})
+    with pytest.raises(Interrupted):
+        train_run(params, random_backbone, digits_tasks, tmp_path / "work", producer=old,
+                  on_epoch_end=interrupt_after(2, 0))
+    rerun = train_run(params, random_backbone, changed, tmp_path / "work", producer=new).trainable_state()
+    clean = train_run(params, random_backbone, changed, tmp_path / "clean", producer=new).trainable_state()
+    assert rerun.keys() == clean.keys() and all(torch.equal(rerun[k], clean[k]) for k in rerun)
