@@ -14,12 +14,15 @@ import json
 import os
 import pickle
 import tempfile
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 from safetensors import SafetensorError
+
+from promptcil.errors import ArtifactError
 
 MANIFEST_FORMAT = "promptcil-artifact/1"
 PAYLOAD_SUFFIX = ".safetensors"
@@ -30,8 +33,17 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-class ArtifactError(RuntimeError):
-    """A file promptcil cannot write or will not trust; the message names the file and the fix."""
+class ArtifactKind(StrEnum):
+    """What a payload holds, recorded in its manifest: loading with another kind is refused, so a head
+    state cannot be loaded as a prompt. The one list of kinds; every reader and writer names one."""
+
+    IMAGE_DATA = "image_data"  # prepare: uint8 images + labels of a split
+    BACKBONE = "backbone"  # pretrain: the trained backbone's weights
+    FEATURES = "features"  # features: frozen-backbone statistics of the training data
+    PROTOTYPES = "prototypes"  # prototypes: class means, layer affinity
+    PROMPT_INIT = "prompt_init"  # prompt_init: the initial prompt
+    CHECKPOINT = "checkpoint"  # train: resumable state mid-run
+    TASK_STATE = "task_state"  # train: prompt + head after a task (what a registry version carries)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -17,15 +17,11 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcil.artifacts import load_tensors, load_weights_file
-from promptcil.config import BackboneConfig
+from promptcil.artifacts import ArtifactKind, load_tensors, load_weights_file
+from promptcil.config.sections import BackboneConfig
+from promptcil.errors import BackboneError
 
-BACKBONE_KIND = "backbone"
 WEIGHTS_FILE = "weights.safetensors"  # inside a backbone folder: the pretrain stage's output
-
-
-class BackboneError(ValueError):
-    """A backbone that promptcil cannot prompt or load, reported in one line."""
 
 
 def model_kwargs(cfg: BackboneConfig, num_classes: int = 0) -> dict[str, Any]:
@@ -40,7 +36,7 @@ def model_kwargs(cfg: BackboneConfig, num_classes: int = 0) -> dict[str, Any]:
     return kwargs
 
 
-def create_vit(cfg: BackboneConfig, num_classes: int = 0, pretrained: bool = False) -> VisionTransformer:
+def create_vit(cfg: BackboneConfig, num_classes: int = 0, *, pretrained: bool = False) -> VisionTransformer:
     """Build the timm ViT named in params (random init unless `pretrained`)."""
     if cfg.name not in timm.list_models():
         raise BackboneError(f"backbone.name: '{cfg.name}' is not a timm model")
@@ -95,8 +91,9 @@ def load_backbone(cfg: BackboneConfig, weights: Path | None = None, seed: int = 
             raise BackboneError(f"backbone.file: {str(err).splitlines()[0]}") from None
     elif cfg.source == "pretrain":
         if weights is None:
-            raise BackboneError("backbone.source 'pretrain' needs the pretrain stage's weights (run the pretrain stage)")
-        tensors, _ = load_tensors(weights, kind=BACKBONE_KIND)
+            raise BackboneError(
+                "backbone.source 'pretrain' needs the pretrain stage's weights (run the pretrain stage)")
+        tensors, _ = load_tensors(weights, kind=ArtifactKind.BACKBONE)
         model = create_vit(cfg)
         load_state(model, tensors, str(weights))
     else:  # random: for tests and speed benchmarks only
@@ -128,7 +125,6 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 __all__ = [
-    "BACKBONE_KIND",
     "WEIGHTS_FILE",
     "BackboneError",
     "create_vit",

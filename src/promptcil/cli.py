@@ -1,9 +1,11 @@
 """`promptcil …`: review registry versions, predict with a registered model, check params.yaml,
-and start the scheduled retrain.
+and serve the scheduled retrain.
 
 Every error a user can fix (bad params.yaml, an unknown version, a refused review, an unreadable
-image or artifact) ends the command with one line on stderr and a non-zero exit code, never a
-traceback: 2 for configuration and usage errors, 1 for refused or failed actions.
+image or artifact) ends the command with one line on stderr and the exit code of the one table in
+`promptcil.errors` (1 refused, 2 configuration or usage, 3 data, 4 artifact), never a traceback.
+Heavy libraries (torch, timm, MLflow) are imported by the commands that need them, so `--help` is
+instant and the review commands pay only for MLflow.
 """
 
 from __future__ import annotations
@@ -21,16 +23,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from promptcil import tracking
-from promptcil.artifacts import ArtifactError
-from promptcil.backbone import BackboneError
-from promptcil.config import ConfigError, load_params
-from promptcil.data import DataError
-from promptcil.tracking import ReviewError
+from promptcil.config import RegistryConfig, load_section
+from promptcil.errors import DataError, PromptcilError
 
 PARAMS = Path("params.yaml")
-FALLBACK_MODEL_NAME = "promptcil"
-RETRAIN_FLOW = Path("flows/retrain.py")
 
 app = typer.Typer(
     help="Class-incremental prompts on a frozen ViT: review, predict, check params, serve retraining.",
@@ -62,26 +58,24 @@ def _fail(message: str, code: int) -> NoReturn:
 
 @contextmanager
 def _one_line_errors() -> Iterator[None]:
-    """The errors promptcil raises for things a user can fix, as one line and an exit code."""
-    from mlflow.exceptions import MlflowException
-    from PIL import UnidentifiedImageError
-
+    """The errors promptcil raises for things a user can fix, as one line and their exit code (a refusal
+    of the MLflow server is a refused action: 1)."""
     try:
         yield
-    except ConfigError as err:
-        _fail(str(err), 2)
-    except (ReviewError, ArtifactError, DataError, BackboneError) as err:
-        _fail(str(err), 1)
-    except UnidentifiedImageError as err:
-        _fail(str(err), 1)
-    except MlflowException as err:
-        _fail(err.message.strip().splitlines()[0], 1)
+    except PromptcilError as err:
+        _fail(str(err), err.exit_code)
+    except Exception as err:
+        if type(err).__name__ == "MlflowException":  # not imported up front: MLflow takes a second to import
+            _fail(err.message.strip().splitlines()[0], 1)
+        raise
 
 
 def _model_name(model: str | None) -> str:
+    """--model, else registry.model_name of ./params.yaml (that section alone is read), else the default."""
     if model:
         return model
-    return load_params(PARAMS).registry.model_name if PARAMS.is_file() else FALLBACK_MODEL_NAME
+    return (load_section(RegistryConfig, "registry", PARAMS).model_name if PARAMS.is_file()
+            else RegistryConfig().model_name)
 
 
 def _notes(version: dict) -> str:
@@ -106,6 +100,8 @@ def _number(value: float | None) -> str:
 def review_list(model: ModelOption = None) -> None:
     """List every version of the model, newest first: review state, quality gate, metrics, aliases."""
     with _one_line_errors():
+        from promptcil import tracking
+
         name = _model_name(model)
         uri = tracking.configure()
         versions = tracking.list_versions(name)
@@ -139,6 +135,8 @@ def review_approve(
 ) -> None:
     """Approve a version and make it champion. Refused when the gate failed or it was rejected."""
     with _one_line_errors():
+        from promptcil import tracking
+
         name = _model_name(model)
         tracking.configure()
         approved = tracking.approve(name, version, reviewer, note)
@@ -155,6 +153,8 @@ def review_reject(
 ) -> None:
     """Reject a version: it can never be approved. Refused for the current champion."""
     with _one_line_errors():
+        from promptcil import tracking
+
         name = _model_name(model)
         tracking.configure()
         rejected = tracking.reject(name, version, reason)
@@ -186,13 +186,18 @@ def predict(
     """Print 'path<TAB>class name' for each image, as predicted by a registered model."""
     import mlflow.pyfunc
     import numpy as np
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
+
+    from promptcil import tracking
 
     with _one_line_errors():
         pictures = []
         for path in images:
-            with Image.open(path) as image:
-                pictures.append(image.convert("RGB"))
+            try:
+                with Image.open(path) as image:
+                    pictures.append(image.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as err:
+                raise DataError(f"cannot read image {path}: {err}") from None
         target = (size, size) if size else pictures[0].size
         batch = np.stack([
             np.asarray(p if p.size == target else p.resize(target, Image.Resampling.BILINEAR), dtype=np.uint8)
@@ -218,6 +223,8 @@ def params_check(
     """Validate a params file (plus presets) against promptcil's schema; print OK or the one-line error."""
     presets = preset or []
     with _one_line_errors():
+        from promptcil.config import load_params
+
         load_params(path, *presets)
     typer.echo(f"OK {' + '.join(str(p) for p in (path, *presets))}")
 
@@ -230,17 +237,20 @@ def serve(
     cron: Annotated[
         str | None,
         typer.Option(
-            "--cron", help='Cron schedule, e.g. "0 3 * * *". Default: retrain.cron in params.yaml.', show_default=False
+            "--cron", help='Cron schedule, e.g. "0 3 * * *". Default: retrain.cron in ROOT/params.yaml.',
+            show_default=False,
         ),
     ] = None,
+    root: Annotated[
+        Path, typer.Option("--root", help="The workspace: params.yaml, incoming/, outputs/ (default: here).")
+    ] = Path("."),
 ) -> None:
-    """Serve the retrain flow on a schedule (Prefect), from a promptcil checkout.
+    """Serve the retrain flow on a schedule (Prefect), from any folder.
 
-    Runs `python flows/retrain.py --serve` in a child process: the library never imports Prefect.
+    Runs `python -m flows.retrain --serve` in a child process: the library never imports Prefect.
     """
-    if not RETRAIN_FLOW.is_file():
-        _fail(f"{RETRAIN_FLOW} not found in {Path.cwd()}: run from a promptcil checkout", 2)
-    command = [sys.executable, str(RETRAIN_FLOW), "--serve"] + (["--cron", cron] if cron else [])
+    command = [sys.executable, "-m", "flows.retrain", "--serve", "--root", str(root.resolve())]
+    command += ["--cron", cron] if cron else []
     try:
         code = subprocess.call(command)
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import embed_tokens
@@ -20,7 +21,7 @@ from promptcil.runtime import autocast_for
 
 
 def _entering_tokens(
-    backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device, with_output: bool = False
+    backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device, *, with_output: bool = False
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """Per batch: the final CLS feature and, for every block, the patch tokens entering it (prefix tokens
     dropped); `with_output` appends the patch tokens leaving the last block."""
@@ -137,3 +138,10 @@ def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     sums = torch.zeros((num_classes, *values.shape[1:]), dtype=torch.float64)
     sums.index_add_(0, labels, values.double())
     return (sums / counts.view(-1, *([1] * (values.dim() - 1)))).float()
+
+
+def layer_affinity(block_tokens: torch.Tensor) -> torch.Tensor:
+    """(N, depth, D) per-image features entering each block -> (depth, depth) cosine affinity,
+    computed per image, then averaged over images."""
+    unit = F.normalize(block_tokens.double(), dim=-1)
+    return (unit @ unit.transpose(1, 2)).mean(dim=0).float()

@@ -23,7 +23,8 @@ class IncomingClasses:
     train: ImageSet  # labels 0..n-1 in `names` order
     test: ImageSet
     names: list[str]
-    sha256: str  # of every new class's file names and bytes: a retrain's work folder is resumed only for the same images
+    # of every new class's file names and bytes: a retrain's work folder is resumed only for the same images
+    sha256: str
 
 
 def read_incoming(

@@ -8,13 +8,16 @@ backbone is referenced by its weights' fingerprint, never copied.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from promptcil.config import Params
+from promptcil.artifacts import ArtifactKind, load_tensors
+from promptcil.backbone import load_recorded_backbone
+from promptcil.config.schema import Params
 from promptcil.data import DevicePreprocess
 from promptcil.heads import Head, create_head
 from promptcil.heads.ensemble import EnsembleHead
@@ -85,3 +88,17 @@ class IncrementalModel(nn.Module):
     def predict(self, images_uint8: torch.Tensor) -> torch.Tensor:
         """Incremental labels (argmax over all seen classes)."""
         return self.forward(images_uint8).argmax(dim=1)
+
+
+def build_model(params: Params, backbone_dir: Path, *, prompt_init: Path | None = None,
+                device: torch.device | None = None) -> IncrementalModel:
+    """The model a pipeline run trains and evaluates: params' method and head on the backbone recorded in
+    `backbone_dir` (the pretrain stage's output, or a registry version's copy). The prompt starts from the
+    prompt_init artifact when given, else from the seeded random init of `train.seed`."""
+    backbone = load_recorded_backbone(params.backbone, backbone_dir, seed=params.train.seed)
+    torch.manual_seed(params.train.seed)
+    model = IncrementalModel.from_params(params, backbone)
+    if prompt_init is not None:
+        prompt, _ = load_tensors(prompt_init, kind=ArtifactKind.PROMPT_INIT)
+        model.method.load_state_dict(prompt)
+    return model.to(device) if device is not None else model

@@ -9,13 +9,14 @@ classes are never seen, so what the prompts add on them is measurable.
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import create_vit, freeze
-from promptcil.config import BackboneConfig
+from promptcil.config.sections import BackboneConfig
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
 from promptcil.runtime import autocast_for
 
@@ -34,6 +35,7 @@ def pretrain_backbone(
     cfg: BackboneConfig,
     data: ImageSet,
     device: torch.device,
+    *,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[VisionTransformer, list[float]]:

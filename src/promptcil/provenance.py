@@ -25,7 +25,8 @@ logger = logging.getLogger("promptcil")
 
 def producer_record(params: dict[str, Any], inputs: dict[str, str]) -> dict[str, Any]:
     """What produced a folder: `params` (JSON-able, only those that affect it) and `inputs` (name -> sha256)."""
-    return {"params": json.loads(json.dumps(params, sort_keys=True, default=str)), "inputs": dict(sorted(inputs.items()))}
+    return {"params": json.loads(json.dumps(params, sort_keys=True, default=str)),
+            "inputs": dict(sorted(inputs.items()))}
 
 
 def artifact_sha256(path: Path) -> str:

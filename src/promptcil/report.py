@@ -21,7 +21,8 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any] | None =
         table.add_column(f"task {j}", justify="right")
     table.add_column("seen classes", justify="right")
     for i, row in enumerate(metrics["accuracy_matrix"]):
-        table.add_row(str(i), *("" if a is None else f"{a:.3f}" for a in row), f"{metrics['accuracy_after_task'][i]:.3f}")
+        table.add_row(str(i), *("" if a is None else f"{a:.3f}" for a in row),
+                      f"{metrics['accuracy_after_task'][i]:.3f}")
     console.print(table)
     last = metrics["accuracy_matrix"][-1]
     console.print(f"A_last {_fmt(metrics['A_last'])}   A_avg {_fmt(metrics['A_avg'])}   "

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from promptcil.artifacts import manifest_path
-from promptcil.config import Params, load_params
+from promptcil.config.schema import Params, load_params
 
 
 def version_artifacts(
@@ -39,7 +39,7 @@ def load_version_model(params: Params, backbone_dir: Path, task_state: Path):
     """The IncrementalModel a version describes: its backbone, method and head, with its prompt + head."""
     from promptcil.backbone import load_recorded_backbone
     from promptcil.model import IncrementalModel
-    from promptcil.train import load_task_state
+    from promptcil.training import load_task_state
 
     backbone = load_recorded_backbone(params.backbone, backbone_dir, seed=params.train.seed)
     model = IncrementalModel.from_params(params, backbone)
@@ -50,7 +50,8 @@ def load_version_model(params: Params, backbone_dir: Path, task_state: Path):
 class PromptcilModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         params = load_params(context.artifacts["params"])
-        self.model = load_version_model(params, Path(context.artifacts["backbone"]), Path(context.artifacts["task_state"]))
+        self.model = load_version_model(params, Path(context.artifacts["backbone"]),
+                                        Path(context.artifacts["task_state"]))
         self.model.eval()
         self.class_names = json.loads(Path(context.artifacts["tasks"]).read_text())["class_names"]
 

@@ -3,6 +3,7 @@ and rendered fractals, a pretraining source without natural images."""
 
 from promptcil.data.fractal import fractal_images
 from promptcil.data.loader import DevicePreprocess, device_batches, make_loader, to_device_ahead
+from promptcil.data.prepared import read_image_set, read_task_split
 from promptcil.data.sources import SOURCES, DataError, ImageSet, load_split, register_source
 from promptcil.data.tasks import TaskSplit, make_task_split, subset
 
@@ -18,6 +19,8 @@ __all__ = [
     "make_loader",
     "to_device_ahead",
     "make_task_split",
+    "read_image_set",
+    "read_task_split",
     "register_source",
     "subset",
 ]

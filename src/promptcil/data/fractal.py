@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from promptcil.config import FractalConfig
+from promptcil.config.sections import FractalConfig
 from promptcil.data.sources import DataError, ImageSet
 
 FILTER_SIZE = 32
@@ -185,7 +185,7 @@ def grey_levels(counts: torch.Tensor) -> torch.Tensor:
 
 
 def fractal_images(
-    cfg: FractalConfig, image_size: int, device: torch.device | str = "cpu", progress: bool = True
+    cfg: FractalConfig, image_size: int, device: torch.device | str = "cpu", *, progress: bool = True
 ) -> ImageSet:
     """`cfg.classes` × `cfg.images_per_class` uint8 images of `image_size` px, labelled by system.
 

@@ -18,7 +18,7 @@ from promptcil.data.sources import ImageSet
 
 
 def make_loader(
-    imageset: ImageSet, batch_size: int, shuffle: bool, seed: int, pin_memory: bool = False
+    imageset: ImageSet, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False
 ) -> DataLoader:
     """Yield `(uint8 images, int64 labels)` batches.
 
@@ -78,11 +78,11 @@ def to_device_ahead(
 
 
 def device_batches(
-    imageset: ImageSet, batch_size: int, device: torch.device, shuffle: bool = False, seed: int = 0
+    imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False, seed: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`make_loader`'s batches on `device`, the way every loop that feeds a model gets them: gathered into
     pinned memory when `device` is a GPU, each copied there ahead of its use (`to_device_ahead`)."""
-    loader = make_loader(imageset, batch_size, shuffle, seed, pin_memory=device.type == "cuda")
+    loader = make_loader(imageset, batch_size, shuffle=shuffle, seed=seed, pin_memory=device.type == "cuda")
     yield from to_device_ahead(loader, device)
 
 

@@ -24,9 +24,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from promptcil.config import AlignConfig
+from promptcil.config.base import Section
+
+
+class AlignConfig(Section):
+    """Classifier alignment (Slow Learner with Classifier Alignment, Zhang et al., ICCV 2023): after every
+    task the trained head is retrained on features sampled from a Gaussian per class seen, so new classes
+    stop winning over old ones by recency alone. Only the statistics are kept, never an image."""
+
+    enabled: bool = Field(True, description="Align trained heads (linear, cat) after every task.")
+    rank: int = Field(
+        8, ge=0,
+        description="Covariance per class: the top `rank` principal directions plus an isotropic residual "
+        "(probabilistic PCA); (rank + 1) x D + 1 numbers per class (28 KiB at D = 768, rank 8; a full "
+        "covariance is 2.3 MiB). 0: isotropic.",
+    )
+    samples_per_class: int = Field(256, gt=0, description="Features drawn per class seen, per alignment epoch.")
+    epochs: int = Field(5, gt=0, description="Alignment epochs after every task.")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate of the alignment.")
+    batch_size: int = Field(64, gt=0, description="Sampled features per alignment step.")
 
 
 class ClassGaussians(nn.Module):
@@ -64,7 +83,7 @@ class ClassGaussians(nn.Module):
         self._sum.index_add_(0, local, x)
         self._outer.index_add_(0, local, x[:, :, None] * x[:, None, :])
 
-    def finish_task(self, new_classes: int) -> None:
+    def end_task(self, new_classes: int) -> None:
         """Compress the task's sums into its classes' means and covariance factors."""
         if self._count is None or self._count.shape[0] < new_classes or (self._count[:new_classes] < 2).any():
             raise ValueError("class statistics: every class of the task needs at least 2 training samples")

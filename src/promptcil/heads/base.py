@@ -6,24 +6,27 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 from torch import nn
 
-from promptcil.config import HeadConfig
+from promptcil.registry import Registry
 
-HEADS: dict[str, type["Head"]] = {}
+HEADS: Registry[type["Head"]] = Registry("head", "promptcil.heads")
 
 
-def register_head(name: str):
+def register_head(name: str, config: type[BaseModel] | None = None):
+    """Class decorator: make a head selectable as `head.name`, with its settings `config` as `head.<name>`."""
+
     def wrap(cls: type[Head]) -> type[Head]:
         cls.head_name = name
-        HEADS[name] = cls
-        return cls
+        return HEADS.register(name, config)(cls)
 
     return wrap
 
 
-def create_head(cfg: HeadConfig, embed_dim: int) -> "Head":
-    return HEADS[cfg.name].from_config(cfg, embed_dim)
+def create_head(cfg: Any, embed_dim: int) -> "Head":
+    """The head params' `head` section names (it reads its own `head.<name>` and the shared `head.align`)."""
+    return HEADS[cfg.name].obj.from_config(cfg, embed_dim)
 
 
 def mask_earlier_classes(logits: torch.Tensor, first_class: int) -> torch.Tensor:
@@ -45,7 +48,7 @@ class Head(nn.Module):
         self.embed_dim = embed_dim
 
     @classmethod
-    def from_config(cls, cfg: HeadConfig, embed_dim: int) -> "Head":
+    def from_config(cls, cfg: Any, embed_dim: int) -> "Head":
         return cls(embed_dim)
 
     @property
@@ -68,7 +71,7 @@ class Head(nn.Module):
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """See features of the current task's data (prototype heads build class means); heads with `observes`."""
 
-    def finish_task(self) -> None:
+    def end_task(self) -> None:
         """Called after `observe` has seen all of the task's data."""
 
     def load_grown_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -49,10 +49,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from promptcil.config import AlignConfig, HeadConfig
-from promptcil.heads.alignment import ClassGaussians, align_head
+from promptcil.config.base import Section
+from promptcil.heads.alignment import AlignConfig, ClassGaussians, align_head
 from promptcil.heads.base import Head, mask_earlier_classes, register_head
 
 
@@ -68,7 +69,25 @@ class ChannelAffine(nn.Module):
         return x * self.scale + self.bias
 
 
-@register_head("cat")
+class CatConfig(Section):
+    loss_weight: float = Field(
+        0.7, ge=0, le=1,
+        description="lambda of the joint loss lambda*CE_CAT + (1-lambda)*CE_match while a task trains (DePT: 0.7).",
+    )
+    fusion_weight: float = Field(
+        0.7, ge=0, le=1,
+        description="lambda at test: a trained class's logit is lambda*CAT + (1-lambda)*match (DePT: 0.7, the "
+        "loss's lambda); 0: the matching (prototype) head alone, 1: the CAT head alone.",
+    )
+    logit_scale: float = Field(
+        100.0, gt=0, description="Temperature of the matching head's cosine logits (CLIP's exp(logit_scale) = 100)."
+    )
+    lr_scale: float = Field(
+        6.5, gt=0, description="The CAT head's learning rate as a multiple of train.lr (DePT: 6.5)."
+    )
+
+
+@register_head("cat", config=CatConfig)
 class CatHead(Head):
     observes = True
     observes_before_training = True
@@ -106,7 +125,7 @@ class CatHead(Head):
         self.gaussians = ClassGaussians(embed_dim, self.align.rank) if self.align else None
 
     @classmethod
-    def from_config(cls, cfg: HeadConfig, embed_dim: int) -> "CatHead":
+    def from_config(cls, cfg: Any, embed_dim: int) -> "CatHead":
         c = cfg.cat
         return cls(embed_dim, c.loss_weight, c.fusion_weight, c.logit_scale, c.lr_scale, cfg.align)
 
@@ -136,7 +155,7 @@ class CatHead(Head):
         if self.gaussians is not None and not self.training:  # the pass after training: inference's features
             self.gaussians.observe(features, labels)
 
-    def finish_task(self) -> None:
+    def end_task(self) -> None:
         """The observed classes' prototypes become the means just seen; other classes keep theirs. After
         training (inference mode), the task's class statistics are kept and the CAT part aligned."""
         assert self._sums is not None and self._counts is not None, "observe first"
@@ -145,7 +164,7 @@ class CatHead(Head):
             self.class_means[seen] = (self._sums[seen] / self._counts[seen, None]).to(self.class_means.dtype)
         self._sums = self._counts = None
         if self.gaussians is not None and self.align is not None and not self.training:
-            self.gaussians.finish_task(self.num_classes - self.gaussians.num_classes)
+            self.gaussians.end_task(self.num_classes - self.gaussians.num_classes)
             cat_parameters = [self.weight, self.bias, *self.image_transform.parameters()]
             align_head(self, self.gaussians, self.align, cat_parameters)
 

@@ -48,9 +48,9 @@ class EnsembleHead(Head):
         for head, chunk in zip(self.heads, features.chunk(len(self.heads))):
             head.observe(chunk, labels)
 
-    def finish_task(self) -> None:
+    def end_task(self) -> None:
         for head in self.heads:
-            head.finish_task()
+            head.end_task()
 
     def load_grown_state(self, state: dict[str, torch.Tensor]) -> None:
         for index, head in enumerate(self.heads):

@@ -10,13 +10,13 @@ on by default) compares them after every task on sampled features.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from promptcil.config import AlignConfig, HeadConfig
-from promptcil.heads.alignment import ClassGaussians, align_head
+from promptcil.heads.alignment import AlignConfig, ClassGaussians, align_head
 from promptcil.heads.base import Head, register_head
 
 
@@ -36,7 +36,7 @@ class LinearHead(Head):
         self.gaussians = ClassGaussians(embed_dim, self.align.rank) if self.align else None
 
     @classmethod
-    def from_config(cls, cfg: HeadConfig, embed_dim: int) -> "LinearHead":
+    def from_config(cls, cfg: Any, embed_dim: int) -> "LinearHead":
         return cls(embed_dim, cfg.align)
 
     @property
@@ -55,9 +55,9 @@ class LinearHead(Head):
         if self.gaussians is not None:
             self.gaussians.observe(features, labels)
 
-    def finish_task(self) -> None:
+    def end_task(self) -> None:
         if self.gaussians is not None and self.align is not None:
-            self.gaussians.finish_task(self.num_classes - self.gaussians.num_classes)
+            self.gaussians.end_task(self.num_classes - self.gaussians.num_classes)
             align_head(self, self.gaussians, self.align)
 
     def load_grown_state(self, state: dict[str, torch.Tensor]) -> None:

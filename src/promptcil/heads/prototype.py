@@ -38,7 +38,7 @@ class PrototypeHead(Head):
         self._sums.index_add_(0, local, features.double())
         self._counts.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
 
-    def finish_task(self) -> None:
+    def end_task(self) -> None:
         assert self._sums is not None and self._counts is not None, "add_classes first"
         if (self._counts == 0).any():
             missing = (self._counts == 0).nonzero().flatten() + self.class_means.shape[0]

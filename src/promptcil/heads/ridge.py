@@ -27,10 +27,13 @@ over its data (M^2 multiply-adds per sample) and one M x M eigendecomposition
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from promptcil.config import HeadConfig
+from promptcil.config.base import Section
 from promptcil.heads.base import Head, register_head
 
 RIDGE_CANDIDATES = tuple(10.0 ** (k / 2) for k in range(-16, 29))  # 1e-8 .. 1e14, half a decade apart
@@ -61,7 +64,19 @@ def gcv_ridge(gram: torch.Tensor, targets: torch.Tensor, count: int) -> tuple[fl
     return best, weight
 
 
-@register_head("ridge")
+class RidgeConfig(Section):
+    projection_dim: int = Field(
+        2048, gt=0, description="Width M of the fixed random projection (RanPAC: 10000 for ViT-B).")
+    nonlinearity: Literal["relu", "identity"] = Field("relu", description="Applied after the projection.")
+    seed: int = Field(0, description="The projection is regenerated from this seed, never stored.")
+    ridge: float | None = Field(
+        None, gt=0,
+        description="Ridge strength; null: chosen after every task by generalised cross-validation from the "
+        "running sums (all data seen so far; exact and order-invariant like the head itself).",
+    )
+
+
+@register_head("ridge", config=RidgeConfig)
 class RidgeHead(Head):
     trainable = False
     observes = True
@@ -86,7 +101,8 @@ class RidgeHead(Head):
         self.seed = seed
         self.fixed_ridge = ridge
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("projection", torch.randn(embed_dim, projection_dim, generator=generator), persistent=False)
+        self.register_buffer("projection", torch.randn(embed_dim, projection_dim, generator=generator),
+                             persistent=False)
         self.register_buffer("gram", torch.zeros(projection_dim, projection_dim, dtype=torch.float64))
         self.register_buffer("targets", torch.zeros(projection_dim, 0, dtype=torch.float64))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
@@ -94,7 +110,7 @@ class RidgeHead(Head):
         self.register_buffer("ridge", torch.tensor(float("nan") if ridge is None else ridge, dtype=torch.float64))
 
     @classmethod
-    def from_config(cls, cfg: HeadConfig, embed_dim: int) -> "RidgeHead":
+    def from_config(cls, cfg: Any, embed_dim: int) -> "RidgeHead":
         r = cfg.ridge
         return cls(embed_dim, r.projection_dim, r.nonlinearity, r.seed, r.ridge)
 
@@ -117,7 +133,7 @@ class RidgeHead(Head):
         self.targets += phi.T @ F.one_hot(labels, self.num_classes).double()
         self.count += len(labels)
 
-    def finish_task(self) -> None:
+    def end_task(self) -> None:
         if self.fixed_ridge is None:
             ridge, weight = gcv_ridge(self.gram, self.targets, int(self.count))
             self.ridge.fill_(ridge)

@@ -18,15 +18,32 @@ it is merged into a running average, merged = c * merged + (1 - c) * current
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcil.config import MethodConfig
+from promptcil.config.base import Section
 from promptcil.prompts.base import OutputHook, PromptMethod, register_method, rescale_rms, trunc_normal_parameter
 
 
-@register_method("apt")
+class AptConfig(Section):
+    blocks: list[int] | Literal["all"] = Field(
+        "all", description="Blocks whose attention gets the additive CLS key/value prompt."
+    )
+    merge_momentum: float = Field(
+        0.7, ge=0, le=1,
+        description="c in merged = c*merged + (1-c)*current after each task "
+                    "(paper: 0.7 CIFAR/CUB/Cars, 0.8 ImageNet-R).",
+    )
+    init_std: float = Field(0.02, gt=0, description="Std of the truncated-normal initial prompt.")
+
+
+@register_method("apt", config=AptConfig)
 class AdditivePrompt(PromptMethod):
+    supports_ensemble = True
+
     def __init__(
         self, backbone: VisionTransformer, blocks: list[int], merge_momentum: float = 0.7, init_std: float = 0.02
     ) -> None:
@@ -51,8 +68,8 @@ class AdditivePrompt(PromptMethod):
         self.register_load_state_dict_post_hook(self._refresh_has_merged)
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "AdditivePrompt":
-        apt = cfg.apt
+    def from_config(cls, cfg: AptConfig, backbone: VisionTransformer) -> "AdditivePrompt":
+        apt = cfg
         blocks = list(range(len(backbone.blocks))) if apt.blocks == "all" else list(apt.blocks)
         return cls(backbone, blocks, apt.merge_momentum, apt.init_std)
 

@@ -15,36 +15,40 @@ import weakref
 from typing import Any, Callable, ClassVar
 
 import torch
-from torch import nn
+from pydantic import BaseModel
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from promptcil.backbone import embed_tokens
-from promptcil.config import MethodConfig
+from promptcil.registry import Registry
 
 OutputHook = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
 _OWNER = "_promptcil_prompt_method"  # backbone attribute: weak reference to the attached method
 
-METHODS: dict[str, Callable[[MethodConfig, VisionTransformer], "PromptMethod"]] = {}
+METHODS: Registry[type["PromptMethod"]] = Registry("prompt method", "promptcil.prompts")
 
 
-def register_method(name: str):
-    """Class decorator: make a method selectable as `method.name` in params.yaml."""
+def register_method(name: str, config: type[BaseModel] | None = None):
+    """Class decorator: make a method selectable as `method.name` in params.yaml, with its settings
+    `config` as `method.<name>`."""
 
     def wrap(cls: type[PromptMethod]) -> type[PromptMethod]:
         cls.method_name = name
-        METHODS[name] = cls.from_config
-        return cls
+        return METHODS.register(name, config)(cls)
 
     return wrap
 
 
-def create_method(cfg: MethodConfig, backbone: VisionTransformer) -> "PromptMethod":
-    return METHODS[cfg.name](cfg, backbone)
+def create_method(cfg: Any, backbone: VisionTransformer) -> "PromptMethod":
+    """The method params' `method` section names, built from its own settings (`method.<name>`)."""
+    return METHODS[cfg.name].obj.from_config(METHODS.settings(cfg.name, cfg), backbone)
 
 
 class PromptMethod(nn.Module):
     method_name: ClassVar[str] = ""
+    supports_ensemble: ClassVar[bool] = False
+    """Whether `method.ensemble` > 1 may batch several of it (prompts/ensemble.py)."""
     init_std: float = 0.02
     """Std of the method's random init (method.<name>.init_std); the random initialiser's default scale."""
 
@@ -55,7 +59,8 @@ class PromptMethod(nn.Module):
         self._handles: list[RemovableHandle] = []
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "PromptMethod":
+    def from_config(cls, cfg: Any, backbone: VisionTransformer) -> "PromptMethod":
+        """Build from the method's own settings (`method.<name>`; None for a method without any)."""
         raise NotImplementedError
 
     @property

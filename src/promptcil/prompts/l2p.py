@@ -13,13 +13,28 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcil.config import MethodConfig
+from promptcil.config.base import Section
 from promptcil.prompts.base import PromptMethod, cycle_rows, register_method, rescale_rms, trunc_normal_parameter
 
 
-@register_method("l2p")
+class L2PConfig(Section):
+    pool_size: int = Field(10, gt=0, description="Prompts in the pool.")
+    length: int = Field(5, gt=0, description="Tokens per prompt.")
+    top_k: int = Field(5, gt=0, description="Prompts chosen per image by key matching.")
+    key_loss_weight: float = Field(0.1, ge=0, description="Weight of the query-key matching loss.")
+    init_std: float = Field(0.02, gt=0, description="Std of the truncated-normal initial prompt.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "L2PConfig":
+        if self.top_k > self.pool_size:
+            raise ValueError(f"top_k {self.top_k} exceeds pool_size {self.pool_size}")
+        return self
+
+
+@register_method("l2p", config=L2PConfig)
 class PromptPool(PromptMethod):
     def __init__(
         self,
@@ -40,8 +55,8 @@ class PromptPool(PromptMethod):
         self.prompt_keys = uniform_keys(pool_size, self.embed_dim)
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "PromptPool":
-        c = cfg.l2p
+    def from_config(cls, cfg: L2PConfig, backbone: VisionTransformer) -> "PromptPool":
+        c = cfg
         return cls(backbone, c.pool_size, c.length, c.top_k, c.key_loss_weight, c.init_std)
 
     def token_slots(self) -> tuple[list[int], int]:

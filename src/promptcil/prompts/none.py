@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcil.config import MethodConfig
 from promptcil.prompts.base import PromptMethod, register_method
 
 
 @register_method("none")
 class NoPrompt(PromptMethod):
     @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "NoPrompt":
+    def from_config(cls, cfg: None, backbone: VisionTransformer) -> "NoPrompt":
         return cls(backbone)

@@ -27,10 +27,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from promptcil.config import MethodConfig, ShipConfig
+from promptcil.config.base import Section
 from promptcil.prompts.base import PromptMethod, register_method, rescale_rms, trunc_normal_parameter
 
 
@@ -44,14 +45,34 @@ def semantic_levels(affinity: torch.Tensor, threshold: float) -> list[int]:
     return anchors
 
 
-def layer_affinity(block_tokens: torch.Tensor) -> torch.Tensor:
-    """(N, depth, D) per-image features entering each block -> (depth, depth) cosine affinity,
-    computed per image, then averaged over images."""
-    unit = F.normalize(block_tokens.double(), dim=-1)
-    return (unit @ unit.transpose(1, 2)).mean(dim=0).float()
+class ShipConfig(Section):
+    sip_length: int = Field(10, gt=0, description="Semantic Independent Prompt tokens per semantic level.")
+    ssp_length: int = Field(10, ge=0, description="Semantic Shared Prompt tokens, inserted at every block (0: off).")
+    attribute_layers: int = Field(
+        2, ge=0, description="The last anchors (levels) that also get Attribute Prompts (0: off)."
+    )
+    attribute_length: int = Field(10, gt=0, description="Attribute Prompt tokens per attribute layer.")
+    attribute_prototypes: int = Field(
+        200, gt=0, description="K: k-means prototypes of the final layer's tokens (task 0's token sample)."
+    )
+    attribute_weight: float = Field(
+        0.1, ge=0, le=1, description="Weight of the matched prototype in an attribute token."
+    )
+    affinity_threshold: float = Field(
+        0.9, gt=-1, le=1,
+        description="A block whose mean cosine affinity to the current level's anchor is below this starts a "
+        "new level (1: one level per block).",
+    )
+    decoupled_attention: bool = Field(
+        True, description="Image tokens keep their own softmax; prompts enter through a separate one."
+    )
+    decoupled_scale: float = Field(0.1, ge=0, le=1, description="s: image_out = (1-s)*image + s*prompt attention.")
+    matching_loss_weight: float = Field(0.5, ge=0, description="Weight of the prompt-matching loss (0: off).")
+    matching_top_k: int = Field(10, gt=0, description="Image tokens most attended by CLS that prompts match.")
+    init_std: float = Field(0.02, gt=0, description="Std of the truncated-normal initial prompt.")
 
 
-@register_method("ship")
+@register_method("ship", config=ShipConfig)
 class SemanticHierarchicalPrompt(PromptMethod):
     def __init__(self, backbone: VisionTransformer, cfg: ShipConfig, anchors: list[int] | None = None) -> None:
         """
@@ -74,8 +95,8 @@ class SemanticHierarchicalPrompt(PromptMethod):
         self.register_load_state_dict_post_hook(lambda module, _keys: module._refresh_anchors())
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "SemanticHierarchicalPrompt":
-        return cls(backbone, cfg.ship)
+    def from_config(cls, cfg: ShipConfig, backbone: VisionTransformer) -> "SemanticHierarchicalPrompt":
+        return cls(backbone, cfg)
 
     # ---- structure ---------------------------------------------------------------
     def _refresh_anchors(self) -> None:
@@ -139,7 +160,8 @@ class SemanticHierarchicalPrompt(PromptMethod):
         batch, image_tokens = x.shape[0], x.shape[1]
         cfg = self.cfg
         last = self.depth - 1
-        need_attention = {a - 1 for a in self._attribute_anchors if a > 0} | ({last} if cfg.matching_loss_weight else set())
+        need_attention = ({a - 1 for a in self._attribute_anchors if a > 0}
+                          | ({last} if cfg.matching_loss_weight else set()))
         cls_attention: torch.Tensor | None = None
         level = -1
         self.aux_loss = None
@@ -154,14 +176,15 @@ class SemanticHierarchicalPrompt(PromptMethod):
                 carried = x[:, image_tokens : x.shape[1] - cfg.ssp_length]
             shared = self.semantic_shared.to(x.dtype).expand(batch, -1, -1)
             x = torch.cat([x[:, :image_tokens], carried, shared], dim=1)
-            x, cls_attention = self._block(block, x, image_tokens, index == last, index in need_attention)
+            x, cls_attention = self._block(block, x, image_tokens, last=index == last,
+                                            want_cls_attention=index in need_attention)
         if cfg.matching_loss_weight and cls_attention is not None and x.shape[1] > image_tokens:
             self.aux_loss = cfg.matching_loss_weight * self._matching_loss(x, image_tokens, cls_attention)
         x = self.backbone.norm(x[:, :image_tokens])
         return self.backbone.forward_head(x, pre_logits=True)
 
     def _block(
-        self, block: Block, x: torch.Tensor, image_tokens: int, last: bool, want_cls_attention: bool
+        self, block: Block, x: torch.Tensor, image_tokens: int, *, last: bool, want_cls_attention: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One ViT block with the prompts appended after `image_tokens` image tokens (decoupled
         attention unless switched off); also the CLS token's attention over the image tokens."""

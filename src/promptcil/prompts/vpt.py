@@ -9,15 +9,26 @@ prompt is shared by all tasks and keeps training.
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from timm.models.vision_transformer import VisionTransformer
 
-from promptcil.config import MethodConfig
+from promptcil.config.base import Section
 from promptcil.prompts.base import PromptMethod, register_method, rescale_rms, trunc_normal_parameter
 
 
-@register_method("vpt")
+class VptConfig(Section):
+    length: int = Field(10, gt=0, description="Prompt tokens per prompted layer (N).")
+    deep: bool = Field(True, description="Deep: new tokens at every block; shallow: only at the input.")
+    init_std: float = Field(0.02, gt=0, description="Std of the truncated-normal initial prompt.")
+
+
+@register_method("vpt", config=VptConfig)
 class VisualPromptTokens(PromptMethod):
-    def __init__(self, backbone: VisionTransformer, length: int = 10, deep: bool = True, init_std: float = 0.02) -> None:
+    supports_ensemble = True
+
+    def __init__(
+        self, backbone: VisionTransformer, length: int = 10, *, deep: bool = True, init_std: float = 0.02
+    ) -> None:
         """
         Args:
             length: prompt tokens per prompted block (N).
@@ -34,8 +45,8 @@ class VisualPromptTokens(PromptMethod):
         self.prompt_tokens = trunc_normal_parameter(layers, length, self.embed_dim, std=init_std)
 
     @classmethod
-    def from_config(cls, cfg: MethodConfig, backbone: VisionTransformer) -> "VisualPromptTokens":
-        return cls(backbone, cfg.vpt.length, cfg.vpt.deep, cfg.vpt.init_std)
+    def from_config(cls, cfg: VptConfig, backbone: VisionTransformer) -> "VisualPromptTokens":
+        return cls(backbone, cfg.length, deep=cfg.deep, init_std=cfg.init_std)
 
     def token_slots(self) -> tuple[list[int], int]:
         """Block l's N tokens are inserted into the sequence entering block l (deep), or block 0's only."""

@@ -1,6 +1,6 @@
-"""Class-incremental metrics and cost measures.
+"""Class-incremental metrics from the accuracy matrix.
 
-Definitions follow the CIL literature (see DESIGN.md, "Metrics"), so numbers are
+Definitions follow the CIL literature (docs/methods.md, "Metrics"), so numbers are
 comparable with the papers: accuracy after a task is over all classes seen so far,
 weighted by test samples; forgetting compares each old task's best accuracy before
 the last task with its accuracy after it.
@@ -8,11 +8,9 @@ the last task with its accuracy after it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -107,22 +105,3 @@ def base_new_summary(base: list[float], next_task: list[float | None]) -> dict[s
         "next_task_class_mean_avg": mean(next_task),
         "HM_avg": mean(hm),
     }
-
-
-def gflops_per_image(fn: Callable[[torch.Tensor], Any], example: torch.Tensor) -> float:
-    """Forward GFLOPs per image of `fn` on a batch, counted by PyTorch's FLOP counter.
-
-    Counting operators rather than timing them makes the cost claim (APT against a
-    query-forward prompt pool) independent of the machine.
-    """
-    if example.ndim == 0 or example.shape[0] == 0:
-        raise ValueError("example must be a non-empty batch with the batch dimension first")
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        fn(example)
-    return counter.get_total_flops() / example.shape[0] / 1e9
-
-
-def count_parameters(module: torch.nn.Module, trainable_only: bool = True) -> int:
-    """Number of parameters, by default only those that train (the prompt cost on a frozen backbone)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
