@@ -5,31 +5,36 @@ accuracy after each task)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from promptcil.artifacts import write_json
-from promptcil.evaluation import accuracy_matrix, base_new, joint_upper_bound
-from promptcil.metrics import count_parameters, gflops_per_image, summarize
+from promptcil.config import Params
+from promptcil.data import read_image_set, read_task_split
+from promptcil.entry import stage_main
+from promptcil.evaluation import (
+    accuracy_matrix,
+    base_new,
+    count_parameters,
+    gflops_per_image,
+    joint_upper_bound,
+    summarize,
+)
+from promptcil.model import build_model
 from promptcil.plots import write_accuracy_plots
-from promptcil.train import load_task_state, task_state_path
+from promptcil.runtime import resolve_device
+from promptcil.training import load_task_state, task_state_path
+from promptcil.workspace import Workspace
 
-from stages.common import EVALUATE, TRAIN, device_for, image_set, params, run_stage, task_split
-from stages.train import build_model
 
-
-def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, train_dir: Path = TRAIN) -> dict:
-    p = params(params_path)
-    split = task_split()
-    device = device_for(p)
-    model = build_model(p, device, init=False)  # every task state holds the whole prompt
-    states = [task_state_path(train_dir, t) for t in range(split.num_tasks)]
-    test = image_set("test")
+def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
+    p = workspace.localise(params)
+    prepared, out = workspace.of("prepare"), workspace.out("evaluate")
+    split = read_task_split(prepared)
+    device = resolve_device(p.train.device)
+    model = build_model(p, workspace.of("pretrain"), device=device)  # every task state holds the whole prompt
+    states = [task_state_path(workspace.of("train"), t) for t in range(split.num_tasks)]
+    test, train = read_image_set(prepared, "test"), read_image_set(prepared, "train")
     matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
     metrics = summarize(matrix, counts)
-    train = image_set("train")
-    metrics |= base_new(model, states, metrics["accuracy_after_task"], train, test, split,
-                        p.eval.batch_size, device)
+    metrics |= base_new(model, states, metrics["accuracy_after_task"], train, test, split, p.eval.batch_size, device)
     load_task_state(model, states[-1])
     joint = joint_upper_bound(model, p.head, p.train, train, test, p.eval.batch_size, device)
     metrics |= {"A_joint": joint, "A_last_vs_joint": metrics["A_last"] / joint if joint > 0 else None}
@@ -54,4 +59,4 @@ def evaluate(params_path: str | Path = "params.yaml", out: Path = EVALUATE, trai
 
 
 if __name__ == "__main__":
-    run_stage(evaluate, *sys.argv[1:2])
+    stage_main(run, __doc__)

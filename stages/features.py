@@ -4,28 +4,28 @@ consumer (prototypes, initialisers)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from promptcil.artifacts import save_tensors
+from promptcil.artifacts import ArtifactKind, save_tensors
 from promptcil.backbone import load_recorded_backbone
+from promptcil.config import Params
+from promptcil.data import read_image_set, read_task_split
+from promptcil.entry import stage_main
 from promptcil.features import backbone_statistics, block_token_sample, sample_images
-
-from stages.common import BACKBONE, FEATURES, device_for, image_set, params, run_stage, task_split
-
-FEATURES_KIND = "features"
+from promptcil.runtime import resolve_device
+from promptcil.workspace import Workspace
 
 
-def features(params_path: str | Path = "params.yaml", out: Path = FEATURES) -> dict:
-    p = params(params_path)
-    backbone = load_recorded_backbone(p.backbone, BACKBONE, seed=p.train.seed)
-    train = image_set("train")
-    stats = backbone_statistics(backbone, train, p.eval.batch_size, device_for(p))
-    sample = sample_images(train, task_split().task_classes(0), p.init.sample_images, p.init.sample_seed)
-    stats["block_token_sample"] = block_token_sample(backbone, sample, p.eval.batch_size, device_for(p))
-    manifest = save_tensors(out / "features.safetensors", stats, kind=FEATURES_KIND)
+def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
+    p = workspace.localise(params)
+    device = resolve_device(p.train.device)
+    backbone = load_recorded_backbone(p.backbone, workspace.of("pretrain"), seed=p.train.seed)
+    train = read_image_set(workspace.of("prepare"), "train")
+    stats = backbone_statistics(backbone, train, p.eval.batch_size, device)
+    classes = read_task_split(workspace.of("prepare")).task_classes(0)
+    sample = sample_images(train, classes, p.init.sample_images, p.init.sample_seed)
+    stats["block_token_sample"] = block_token_sample(backbone, sample, p.eval.batch_size, device)
+    manifest = save_tensors(workspace.out("features") / "features.safetensors", stats, kind=ArtifactKind.FEATURES)
     return {"samples": len(stats["labels"]), "token_sample_images": len(sample), "sha256": manifest["sha256"]}
 
 
 if __name__ == "__main__":
-    run_stage(features, *sys.argv[1:2])
+    stage_main(run, __doc__)

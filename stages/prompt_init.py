@@ -3,41 +3,37 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-from promptcil.artifacts import load_tensors, save_tensors, write_json
+from promptcil.artifacts import ArtifactKind, load_tensors, save_tensors, write_json
+from promptcil.config import Params
+from promptcil.data import read_task_split
+from promptcil.entry import stage_main
 from promptcil.init import initialise
+from promptcil.model import build_model
 from promptcil.plots import layer_affinity_png
-
-from stages.common import FEATURES, PROMPT_INIT, PROTOTYPES, params, run_stage, task_split
-from stages.features import FEATURES_KIND
-from stages.prototypes import PROTOTYPES_KIND
-from stages.train import build_model
-
-PROMPT_INIT_KIND = "prompt_init"
+from promptcil.workspace import Workspace
 
 
-def prompt_init(params_path: str | Path = "params.yaml", out: Path = PROMPT_INIT) -> dict:
-    p = params(params_path)
-    base = list(task_split().task_classes(0))
-    protos, _ = load_tensors(PROTOTYPES / "prototypes.safetensors", kind=PROTOTYPES_KIND)
-    features, _ = load_tensors(FEATURES / "features.safetensors", kind=FEATURES_KIND)
+def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
+    p = workspace.localise(params)
+    out = workspace.out("prompt_init")
+    base = list(read_task_split(workspace.of("prepare")).task_classes(0))
+    protos, _ = load_tensors(workspace.of("prototypes") / "prototypes.safetensors", kind=ArtifactKind.PROTOTYPES)
+    features, _ = load_tensors(workspace.of("features") / "features.safetensors", kind=ArtifactKind.FEATURES)
     stats = {
         "class_features": protos["class_features"][base],
         "block_class_tokens": protos["block_class_tokens"][:, base],
         "block_token_sample": features["block_token_sample"],  # task 0's images only
         "layer_affinity": protos["layer_affinity"],
     }
-    method = build_model(p, init=False).method
+    method = build_model(p, workspace.of("pretrain")).method
     facts = method.fit_to_data(stats, seed=p.train.seed)  # SHIP: semantic levels, attribute prototypes
     initialise(method, stats, p.init, seed=p.train.seed)
     write_json(out / "method.json", {"method": p.method.name, **facts})
     layer_affinity_png(protos["layer_affinity"].numpy(), out / "layer_affinity.png", facts.get("anchors"))
-    save_tensors(out / "prompt.safetensors", method.state_dict(), kind=PROMPT_INIT_KIND,
+    save_tensors(out / "prompt.safetensors", method.state_dict(), kind=ArtifactKind.PROMPT_INIT,
                  metadata={"init": p.init.name, "method": p.method.name})
     return {"init": p.init.name, **facts}
 
 
 if __name__ == "__main__":
-    run_stage(prompt_init, *sys.argv[1:2])
+    stage_main(run, __doc__)

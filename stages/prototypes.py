@@ -3,23 +3,19 @@ block x block affinity of task 0's features (SHIP's semantic levels)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from promptcil.artifacts import load_tensors, save_tensors
-from promptcil.features import class_means
-from promptcil.prompts.ship import layer_affinity
-
-from stages.common import FEATURES, PROTOTYPES, run_stage, task_split
-from stages.features import FEATURES_KIND
-
-PROTOTYPES_KIND = "prototypes"
+from promptcil.artifacts import ArtifactKind, load_tensors, save_tensors
+from promptcil.config import Params
+from promptcil.data import read_task_split
+from promptcil.entry import stage_main
+from promptcil.features import class_means, layer_affinity
+from promptcil.workspace import Workspace
 
 
-def prototypes(out: Path = PROTOTYPES) -> dict:
-    split = task_split()
-    stats, _ = load_tensors(FEATURES / "features.safetensors", kind=FEATURES_KIND)
+def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
+    split = read_task_split(workspace.of("prepare"))
+    stats, _ = load_tensors(workspace.of("features") / "features.safetensors", kind=ArtifactKind.FEATURES)
     num_classes = split.task_classes(split.num_tasks - 1).stop
     task_of_class = torch.cat([torch.full((len(split.task_classes(t)),), t) for t in range(split.num_tasks)])
     task0 = torch.isin(stats["labels"], torch.as_tensor(list(split.task_classes(0))))
@@ -30,9 +26,9 @@ def prototypes(out: Path = PROTOTYPES) -> dict:
         # what SHIP groups blocks by: task 0's images only (the data there is before any training)
         "layer_affinity": layer_affinity(stats["block_input_tokens"][task0]),
     }
-    save_tensors(out / "prototypes.safetensors", tensors, kind=PROTOTYPES_KIND)
+    save_tensors(workspace.out("prototypes") / "prototypes.safetensors", tensors, kind=ArtifactKind.PROTOTYPES)
     return {"classes": num_classes}
 
 
 if __name__ == "__main__":
-    run_stage(prototypes)
+    stage_main(run, __doc__)
