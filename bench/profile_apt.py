@@ -2,32 +2,33 @@
 
     python bench/profile_apt.py --out DIR         # ViT-B/16, 224 px, batch 256, bf16 (a CUDA device)
 
-Both steps are bench/speed.py's: the trainer's own step (autocast, linear head, masked
-cross-entropy, backward, Adam) with the limit's input-level vector or with APT's per-block CLS
-key/value prompt. Prints each step's rate (speed.measure), then the device time per step by operator and by
-kernel name, sorted by APT's excess over the limit, and writes the same as JSON.
+Both steps are the speed harness's (bench/harness/steps.py, as bench/speed.py times them): the trainer's
+own step (autocast, linear head, masked cross-entropy, backward, Adam) with the limit's input-level vector or
+with APT's per-block CLS key/value prompt. Prints each step's rate (harness.timing.measure), then the device
+time per step by operator and by kernel name, sorted by APT's excess over the limit, and writes the same as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # speed.py is a sibling script
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+from promptcil.prompts import create_method
+from promptcil.runtime import resolve_device
 
-import speed  # noqa: E402
-from promptcil.prompts import create_method  # noqa: E402
-from promptcil.runtime import resolve_device  # noqa: E402
+from harness.inputs import QUICK_BACKBONE, Batches, Run
+from harness.models import InputPrompt, build_model, method_config
+from harness.steps import train_step
+from harness.timing import measure, release
 
 
-def device_ms(run: speed.Run, step, steps: int) -> dict[str, dict[str, float]]:
+def device_ms(run: Run, step, steps: int) -> dict[str, dict[str, float]]:
     """Device milliseconds per step over `steps` profiled steps, by operator (the device time of the kernels
     an operator launched itself) and by kernel name (CPU time by operator on a CPU)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if run.device.type == "cuda" else [])
@@ -65,24 +66,23 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device("auto")
     model_name = "vit_tiny_patch16_224" if args.quick else args.model
-    overrides = speed.QUICK_BACKBONE if args.quick else {"img_size": 224, "patch_size": 16}
-    run = speed.Run(device, 8 if args.quick else args.batch_size, overrides, steps=4 if args.quick else 20,
-                    repeats=2 if args.quick else 5, warmup=1 if args.quick else 5)
+    overrides = QUICK_BACKBONE if args.quick else {"img_size": 224, "patch_size": 16}
+    run = Run(device, 8 if args.quick else args.batch_size, overrides, steps=4 if args.quick else 20,
+              repeats=2 if args.quick else 5, warmup=1 if args.quick else 5)
     backbone = run.backbone(model_name)
-    batches = speed.Batches.random(run, backbone.patch_embed.proj.in_channels, tuple(backbone.patch_embed.img_size))
+    batches = Batches.random(run, backbone.patch_embed.proj.in_channels, tuple(backbone.patch_embed.img_size))
     result: dict = {"model": model_name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                     "torch": torch.__version__, "rates": {}, "device_ms_per_step": {}}
     with tempfile.TemporaryDirectory() as scratch:
         for variant in ("limit", "apt"):
-            method = speed.InputPrompt(backbone) if variant == "limit" else create_method(
-                speed.method_config("apt"), backbone)
-            model = speed.build_model(run, backbone, method)
-            step = speed.train_step(run, model, batches, Path(scratch))
-            result["rates"][variant] = speed.measure(run, step, run.batch_size)
+            method = InputPrompt(backbone) if variant == "limit" else create_method(method_config("apt"), backbone)
+            model = build_model(run, backbone, method)
+            step = train_step(run, model, batches, Path(scratch))
+            result["rates"][variant] = measure(run, step, run.batch_size)
             result["device_ms_per_step"][variant] = device_ms(run, step, args.steps)
             model.method.detach()
             del model, step
-            speed.release(run)
+            release(run)
     limit, apt = result["device_ms_per_step"]["limit"], result["device_ms_per_step"]["apt"]
     print(f"{model_name}, batch {run.batch_size}: limit {result['rates']['limit']['ms_per_step']:.1f} ms/step, "
           f"APT {result['rates']['apt']['ms_per_step']:.1f} ms/step "

@@ -9,20 +9,16 @@ bare forward's on the same images already on the device.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import torch
+from torch.profiler import ProfilerActivity, profile
 
-import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
-
-from promptcil.backbone import load_backbone  # noqa: E402
-from promptcil.config import BackboneConfig  # noqa: E402
-from promptcil.data import DevicePreprocess, ImageSet  # noqa: E402
-from promptcil.features import backbone_statistics  # noqa: E402
-from promptcil.runtime import autocast_for, resolve_device  # noqa: E402
+from promptcil.backbone import load_backbone
+from promptcil.config import BackboneConfig
+from promptcil.data import DevicePreprocess, ImageSet
+from promptcil.features import backbone_statistics
+from promptcil.runtime import autocast_for, resolve_device
 
 
 def main() -> None:
@@ -38,9 +34,11 @@ def main() -> None:
                                             patch_size=args.patch_size)).to(device)
     count = args.batch_size * args.batches
     generator = torch.Generator().manual_seed(0)
-    data = ImageSet(torch.randint(0, 256, (count, 3, args.img_size, args.img_size), dtype=torch.uint8, generator=generator),
+    data = ImageSet(torch.randint(0, 256, (count, 3, args.img_size, args.img_size), dtype=torch.uint8,
+                                  generator=generator),
                     torch.zeros(count, dtype=torch.int64), ["x"])
-    backbone_statistics(backbone, ImageSet(data.images[: 2 * args.batch_size], data.labels[: 2 * args.batch_size], ["x"]),
+    backbone_statistics(backbone,
+                        ImageSet(data.images[: 2 * args.batch_size], data.labels[: 2 * args.batch_size], ["x"]),
                         args.batch_size, device)  # warm-up: kernels, pinned-memory cache
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
