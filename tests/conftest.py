@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import chdir
 from dataclasses import dataclass
 
 import pytest
@@ -12,7 +11,7 @@ from promptcil.config import GateConfig, Params, parse_params
 from promptcil.data import ImageSet, TaskSplit, load_split, make_task_split, subset
 from promptcil.model import IncrementalModel
 from promptcil.pretrain import pretrain_backbone
-from promptcil.train import IncrementalTrainer
+from promptcil.training import IncrementalTrainer
 
 torch.set_num_threads(2)
 
@@ -117,17 +116,10 @@ TINY_PIPELINE_PARAMS = {
 
 
 def load_flow(name: str):
-    """flows/<name>.py as a module (flows/ is not a package; the file puts the repo root on sys.path)."""
-    import importlib.util
-    import sys
+    """flows/<name>.py, the package module `python -m flows.<name>` runs."""
+    import importlib
 
-    module_name = f"promptcil_flows_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, REPO / "flows" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    return importlib.import_module(f"flows.{name}")
 
 
 def write_params(project, **overrides: dict) -> None:
@@ -142,33 +134,32 @@ def write_params(project, **overrides: dict) -> None:
     (project / "params.yaml").write_text(yaml.safe_dump(full, sort_keys=False))
 
 
-def run_stages_before_train(project, progress: bool = False) -> None:
-    """prepare → pretrain → features → prototypes → prompt_init inside `project`."""
-    from stages.features import features
-    from stages.prepare import prepare
-    from stages.pretrain import pretrain
-    from stages.prompt_init import prompt_init
-    from stages.prototypes import prototypes
+def project_params(project) -> Params:
+    from promptcil.config import load_params
 
-    with chdir(project):
-        prepare()
-        pretrain(progress=progress)
-        features()
-        prototypes()
-        prompt_init()
+    return load_params(project / "params.yaml")
+
+
+def run_stages_before_train(project, progress: bool = False) -> None:
+    """prepare → pretrain → features → prototypes → prompt_init in the workspace `project`."""
+    from promptcil.workspace import Workspace
+    from stages import features, prepare, pretrain, prompt_init, prototypes
+
+    params, workspace = project_params(project), Workspace(project)
+    for stage in (prepare, pretrain, features, prototypes, prompt_init):
+        stage.run(params, workspace, progress=progress)
 
 
 def run_stages(project, progress: bool = False) -> dict:
-    """Every stage function in order inside `project` (what `dvc repro` and the flow run)."""
-    from stages.evaluate import evaluate
-    from stages.register import register
-    from stages.train import train
+    """Every stage function in order in the workspace `project` (what `dvc repro` and the flow run)."""
+    from promptcil.workspace import Workspace
+    from stages import evaluate, register, train
 
     run_stages_before_train(project, progress)
-    with chdir(project):
-        train(progress=progress)
-        metrics = evaluate()
-        registration = register()
+    params, workspace = project_params(project), Workspace(project)
+    train.run(params, workspace, progress=progress)
+    metrics = evaluate.run(params, workspace, progress=progress)
+    registration = register.run(params, workspace, progress=progress)
     return {"metrics": metrics, "registration": registration}
 
 
@@ -215,3 +206,17 @@ def logged_model(pipeline_project) -> dict:
     version = client.get_model_version(registration["model_name"], registration["version"])
     model = client.get_logged_model(version.source.removeprefix("models:/"))
     return {"uri": model.artifact_location, "run_id": registration["run_id"], "metrics": pipeline_project["metrics"]}
+
+
+def final_model(project):
+    """The pipeline run's model after its last task, its params and its test images (on the CPU)."""
+    from promptcil.data import read_image_set, read_task_split
+    from promptcil.model import build_model
+    from promptcil.training import load_task_state, task_state_path
+    from promptcil.workspace import Workspace
+
+    workspace, params = Workspace(project), project_params(project)
+    split = read_task_split(workspace.out("prepare"))
+    model = build_model(params, workspace.out("pretrain"), device=torch.device("cpu"))
+    load_task_state(model, task_state_path(workspace.out("train"), split.num_tasks - 1))
+    return params, model, read_image_set(workspace.out("prepare"), "test")

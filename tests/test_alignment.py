@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptcil.config import AlignConfig
 from promptcil.features import backbone_statistics
-from promptcil.heads.alignment import ClassGaussians
+from promptcil.heads.alignment import AlignConfig, ClassGaussians
 from promptcil.heads.linear import LinearHead
 
 from conftest import DigitsTasks, Interrupted, interrupt_after, make_params, train_run
@@ -23,7 +22,7 @@ def test_gaussians_hold_class_means_and_the_top_of_each_covariance():
     features, labels = torch.cat(samples), torch.tensor([0] * 400 + [1] * 400)
     for chunk in torch.arange(800).split(150):  # several batches, as the trainer shows them
         gaussians.observe(features[chunk], labels[chunk])
-    gaussians.finish_task(2)
+    gaussians.end_task(2)
     for c, x in enumerate(samples):
         torch.testing.assert_close(gaussians.means[c], x.mean(0))
         covariance = torch.cov(x.T)
@@ -45,10 +44,10 @@ def test_a_class_needs_two_samples_and_only_the_current_task_is_observed():
     gaussians = ClassGaussians(4, 2)
     gaussians.observe(torch.randn(3, 4), torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="at least 2 training samples"):
-        gaussians.finish_task(2)
+        gaussians.end_task(2)
     gaussians = ClassGaussians(4, 2)
     gaussians.observe(torch.randn(4, 4), torch.tensor([0, 0, 1, 1]))
-    gaussians.finish_task(2)
+    gaussians.end_task(2)
     with pytest.raises(ValueError, match="earlier task's class"):
         gaussians.observe(torch.randn(2, 4), torch.tensor([1, 2]))
 
@@ -61,7 +60,7 @@ def test_the_state_is_per_class_statistics_of_fixed_size():
     for images in (20, 200):
         gaussians = ClassGaussians(dim, rank)
         gaussians.observe(torch.randn(images * 3, dim), torch.arange(3).repeat_interleave(images))
-        gaussians.finish_task(3)
+        gaussians.end_task(3)
         sizes.append(sum(t.numel() * t.element_size() for t in gaussians.state_dict().values()))
     assert sizes[0] == sizes[1] == 3 * ((rank + 1) * dim + 1) * 4
     assert 1000 * sizes[0] / 3 / 2**20 == pytest.approx(26.4, abs=0.05)
@@ -93,7 +92,7 @@ def test_aligned_linear_head_beats_the_masked_one_on_frozen_features(pretrained_
             if head.observes:
                 head.eval()
                 head.observe(x, y)
-                head.finish_task()
+                head.end_task()
         with torch.no_grad():
             accuracy[aligned] = (head(test["cls"]).argmax(1) == test["labels"]).float().mean().item()
     assert accuracy[True] > accuracy[False] + 0.1, accuracy

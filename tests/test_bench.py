@@ -8,14 +8,12 @@ it) are.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -27,14 +25,14 @@ SPEED = REPO / "bench" / "speed.py"
 PIPELINE_PACKAGES = ("mlflow", "prefect", "dvc")  # absent on the device machine: the harness must not import them
 
 
-def load_speed() -> ModuleType:
-    """bench/speed.py as a module (bench/ is a folder of scripts, not a package)."""
-    if "bench_speed" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
-        assert spec is not None and spec.loader is not None
-        sys.modules["bench_speed"] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up here
-        spec.loader.exec_module(sys.modules["bench_speed"])
-    return sys.modules["bench_speed"]
+def markdown(results: dict[str, Any]) -> str:
+    """The harness's tables of a result (bench/harness/report.py): bench/ is a folder of scripts, not an
+    installed package, so it goes on sys.path as it does for a script run from there."""
+    if str(REPO / "bench") not in sys.path:
+        sys.path.insert(0, str(REPO / "bench"))
+    from harness.report import markdown as harness_markdown
+
+    return harness_markdown(results)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +41,8 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any],
     # one thread: steady on a shared 2-core machine (speed is not what this test checks)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
-        [sys.executable, "-X", "importtime", str(SPEED), "--quick", "--device", "cpu", "--no-compile", "--out", str(out)],
+        [sys.executable, "-X", "importtime", str(SPEED), "--quick", "--device", "cpu", "--no-compile",
+         "--out", str(out)],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -90,7 +89,7 @@ def test_flop_counts_apt_like_plain_and_l2p_about_twice(quick_run) -> None:
 
 def test_printed_table_is_the_saved_result(quick_run) -> None:
     results, done = quick_run
-    table = load_speed().markdown(results)
+    table = markdown(results)
     assert table in done.stdout
     assert "| plain forward (inference baseline) |" in table and "| time per task:" in table
     assert "PASS" in table
@@ -107,10 +106,11 @@ def test_result_names_the_code_that_ran(quick_run, tmp_path: Path) -> None:
 
     here = digest(REPO)
     assert results["meta"]["code"] == here and len(here) == 12
-    assert f"code {results['meta']['code']}" in load_speed().markdown(results)
+    assert f"code {results['meta']['code']}" in markdown(results)
     copy = tmp_path / "checkout"
     shutil.copytree(REPO / "bench", copy / "bench", ignore=shutil.ignore_patterns("results", "work", "__pycache__"))
-    shutil.copytree(REPO / "src" / "promptcil", copy / "src" / "promptcil", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "src" / "promptcil", copy / "src" / "promptcil",
+                    ignore=shutil.ignore_patterns("__pycache__"))
     assert digest(copy) == here  # paths are taken relative to the checkout
     with (copy / "src" / "promptcil" / "features.py").open("a") as handle:
         handle.write("\n# edited\n")
@@ -121,7 +121,7 @@ def test_the_harness_imports_no_pipeline_package(quick_run) -> None:
     """The device machine has torch and timm but not the pipeline's mlflow/prefect/dvc."""
     _, done = quick_run
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    assert "promptcil.train" in imported and "promptcil.features" in imported
+    assert "promptcil.training" in imported and "promptcil.features" in imported
     assert not [m for m in imported if m.split(".")[0] in PIPELINE_PACKAGES]
 
 

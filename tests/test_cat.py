@@ -9,11 +9,18 @@ import torch
 from promptcil.artifacts import load_tensors
 from promptcil.config import ConfigError, TrainConfig, parse_params
 from promptcil.data import ImageSet
-from promptcil.evaluation import accuracy_matrix, base_new, features_of, nearest_prototype_accuracy
+from promptcil.evaluation import (
+    accuracy_matrix,
+    base_new,
+    base_new_summary,
+    features_of,
+    harmonic_mean,
+    nearest_prototype_accuracy,
+    summarize,
+)
 from promptcil.heads.cat import CatHead
 from promptcil.heads.prototype import PrototypeHead
-from promptcil.metrics import base_new_summary, harmonic_mean, summarize
-from promptcil.train import IncrementalTrainer, epoch_lr, load_task_state, task_state_path
+from promptcil.training import IncrementalTrainer, epoch_lr, load_task_state, task_state_path
 
 from conftest import Interrupted, build_model, interrupt_after, make_params, train_run
 
@@ -28,7 +35,7 @@ def every_fourth(data: ImageSet) -> ImageSet:
 def observe_task(head, features: torch.Tensor, labels: torch.Tensor, count: int) -> None:
     head.add_classes(count)
     head.observe(features, labels)
-    head.finish_task()
+    head.end_task()
 
 
 def test_identity_cat_with_fusion_weight_zero_predicts_like_the_prototype_head() -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
-from contextlib import chdir
 from pathlib import Path
 
 import mlflow.tracking._model_registry.utils as registry_utils
@@ -20,7 +20,7 @@ from promptcil.cli import app
 from promptcil.config import RegistryConfig
 from promptcil.evaluation import predict
 
-from conftest import NO_GATE
+from conftest import NO_GATE, final_model
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -100,7 +100,10 @@ def test_bad_params_is_a_one_line_error(project):
     (project / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": -1}}))
     error = one_line_error(runner.invoke(app, ["params", "check"]), 2)
     assert error == "error: params.yaml: train.lr: Input should be greater than 0"
-    assert one_line_error(runner.invoke(app, ["review", "list"]), 2) == error  # default model name reads it
+    # the review commands read (and check) only the registry section, for the default model name
+    assert "no registered model 'promptcil'" in one_line_error(runner.invoke(app, ["review", "list"]), 1)
+    (project / "params.yaml").write_text(yaml.safe_dump({"registry": {"model_name": "", "gaet": {}}}))
+    assert one_line_error(runner.invoke(app, ["review", "list"]), 2).startswith("error: params.yaml: registry.")
 
     (project / "other.yaml").write_text("train:\n  lr: [unclosed\n")
     assert "not valid YAML" in one_line_error(runner.invoke(app, ["params", "check", "other.yaml"]), 2)
@@ -125,7 +128,8 @@ def test_presets_are_overlays_checked_with_the_params_they_change(project):
 
     (project / "typo.yaml").write_text(yaml.safe_dump({"backbone": {"pretrain": {"epoch": 3}}}))
     error = one_line_error(runner.invoke(app, ["params", "check", "--preset", "typo.yaml"]), 2)
-    assert error == "error: params.yaml + typo.yaml: backbone.pretrain.epoch: unknown key (check the spelling; see README's params reference)"
+    assert error == ("error: params.yaml + typo.yaml: backbone.pretrain.epoch: unknown key "
+                     "(check the spelling; see docs/params.md)")
 
     resolved = write_resolved_params(project / "outputs" / "params.resolved.yaml", "params.yaml",
                                      repo_configs / "fashion-mnist-b4inc2.yaml")
@@ -136,17 +140,8 @@ def test_presets_are_overlays_checked_with_the_params_they_change(project):
 
 
 def test_predict_prints_the_evaluate_stage_labels(project, logged_model, pipeline_project):
-    from stages.common import TRAIN, image_set, params, task_split
-    from stages.train import build_model
-
-    from promptcil.train import load_task_state, task_state_path
-
-    cpu = torch.device("cpu")
-    with chdir(pipeline_project["dir"]):
-        p, test, split = params(), image_set("test"), task_split()
-        model = build_model(p, cpu, init=False)
-        load_task_state(model, task_state_path(TRAIN, split.num_tasks - 1))
-    expected = [test.class_names[i] for i in predict(model, test, p.eval.batch_size, cpu).tolist()][:6]
+    p, model, test = final_model(pipeline_project["dir"])
+    expected = [test.class_names[i] for i in predict(model, test, p.eval.batch_size, torch.device("cpu")).tolist()][:6]
 
     tracking.approve("promptcil", register(logged_model), reviewer="ada")
     files = []
@@ -160,7 +155,7 @@ def test_predict_prints_the_evaluate_stage_labels(project, logged_model, pipelin
 
     (project / "broken.png").write_bytes(b"not an image")
     assert "cannot identify image file" in one_line_error(
-        runner.invoke(app, ["predict", "models:/promptcil@champion", "broken.png"]), 1
+        runner.invoke(app, ["predict", "models:/promptcil@champion", "broken.png"]), 3  # a data error
     )
     assert "alias nope not found" in one_line_error(
         runner.invoke(app, ["predict", "models:/promptcil@nope", str(files[0])]), 1
@@ -170,18 +165,38 @@ def test_predict_prints_the_evaluate_stage_labels(project, logged_model, pipelin
 # ---------------------------------------------------------------- serve
 
 
-def test_serve_runs_the_retrain_flow(project):
-    assert "run from a promptcil checkout" in one_line_error(runner.invoke(app, ["serve"]), 2)
+def test_serve_runs_the_installed_retrain_flow_from_any_folder(project, tmp_path):
+    """`promptcil serve` needs no checkout: it runs the installed `flows.retrain` on the workspace --root."""
+    import subprocess
+    import sys
+    import time
 
-    (project / "flows").mkdir()
-    (project / "flows" / "retrain.py").write_text(
-        "import sys, pathlib\npathlib.Path('argv.txt').write_text(' | '.join(sys.argv[1:]))\nsys.exit(3)\n"
-    )
-    result = runner.invoke(app, ["serve", "--cron", "0 3 * * *"])
-    assert result.exit_code == 3  # the flow's own exit status
-    assert (project / "argv.txt").read_text() == "--serve | --cron | 0 3 * * *"
-    runner.invoke(app, ["serve"])
-    assert (project / "argv.txt").read_text() == "--serve"  # the flow reads retrain.cron from params.yaml
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    (workspace / "params.yaml").write_text(yaml.safe_dump({"train": {"lr": -1}}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    serve = [sys.executable, "-m", "promptcil.cli", "serve", "--root", str(workspace)]
+    bad = subprocess.run(serve, cwd=elsewhere, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {workspace / 'params.yaml'}: train.lr: Input should be greater than 0"]
+
+    (workspace / "params.yaml").write_text(yaml.safe_dump({"retrain": {"cron": "15 4 * * *"}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")} | {"PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        child = subprocess.Popen(serve, cwd=elsewhere, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while "promptcil-retrain" not in log.read_text() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.5)
+            text = log.read_text()
+            assert child.poll() is None, text[-3000:]  # serving: it waits for the schedule
+            assert "promptcil-retrain" in text, text[-3000:]
+        finally:
+            child.terminate()
+            child.wait(timeout=30)
 
 
 # ---------------------------------------------------------------- help

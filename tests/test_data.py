@@ -176,7 +176,8 @@ def test_loader_order_is_a_function_of_the_seed(digits_train: ImageSet) -> None:
     assert sorted(labels.tolist()) == sorted(digits_train.labels.tolist())  # each sample exactly once
 
     # Passes over one loader differ, and a fresh loader with the same seed replays them.
-    loader, replay = make_loader(digits_train, 100, True, 3), make_loader(digits_train, 100, True, 3)
+    loader, replay = (make_loader(digits_train, 100, shuffle=True, seed=3),
+                      make_loader(digits_train, 100, shuffle=True, seed=3))
     first, second = _epoch(loader)[1], _epoch(loader)[1]
     assert not torch.equal(first, second)
     assert torch.equal(_epoch(replay)[1], first) and torch.equal(_epoch(replay)[1], second)
@@ -195,7 +196,8 @@ def test_pinned_loader_gathers_the_same_batches_into_pinned_memory(digits_train:
     assert all(x.is_pinned() and y.is_pinned() for x, y in pinned)
     assert torch.equal(torch.cat([x for x, _ in pinned]), images)
     # each host batch is dropped while its copy may still run: the pinned cache must not hand it out again early
-    on_gpu = [x.to("cuda", non_blocking=True) for x, _ in make_loader(digits_train, 100, True, 3, pin_memory=True)]
+    on_gpu = [x.to("cuda", non_blocking=True)
+              for x, _ in make_loader(digits_train, 100, shuffle=True, seed=3, pin_memory=True)]
     torch.cuda.synchronize()
     assert torch.equal(torch.cat(on_gpu).cpu(), images)
 

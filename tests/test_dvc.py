@@ -16,8 +16,9 @@ import mlflow
 import pytest
 import yaml
 
-from conftest import REPO, write_params
 from promptcil.config import load_params
+
+from conftest import REPO, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +114,8 @@ def test_repro_runs_every_stage_and_writes_metrics(repo: Repo):
     assert 0.0 <= metrics["A_last"] <= 1.0
     assert len(metrics["accuracy_matrix"]) == 4  # digits: B4 + 3 tasks of 2
     assert metrics["base_after_task"] == metrics["accuracy_after_task"]
-    assert metrics["next_task_class_mean_after_task"][-1] is None and all(0 <= n <= 1 for n in metrics["next_task_class_mean_after_task"][:-1])
+    assert metrics["next_task_class_mean_after_task"][-1] is None and all(
+        0 <= n <= 1 for n in metrics["next_task_class_mean_after_task"][:-1])
     assert len(task_states(repo.dir)) == 4
     registration = json.loads((repo.dir / "outputs" / "register" / "registration.json").read_text())
     assert registration["version"] == "1"
@@ -192,3 +194,26 @@ def test_push_clone_pull_restores_identical_artifacts(repo: Repo, tmp_path: Path
         assert sha256(clone / "outputs" / "evaluate" / name) == sha256(repo.dir / "outputs" / "evaluate" / name)
     # The clone is a complete, up-to-date checkout of the run: nothing to reproduce.
     assert json.loads(repo.dvc("status", "--json", cwd=clone)) == {}
+
+
+def test_dvc_yaml_code_deps_are_each_stage_import_closure():
+    """Every project file a stage's command imports (directly, inside functions, through other modules, or
+    through a registry's discovery) is a dep of that stage, and no code dep is one it does not import."""
+    from dvc_deps import check
+
+    problems = {stage: found for stage, found in check().items() if found["missing"] or found["superfluous"]}
+    assert not problems, f"dvc.yaml's code deps differ from the imports ({problems}): python tests/dvc_deps.py --write"
+
+
+def test_a_fresh_clone_has_no_changed_dependency(tmp_path):
+    """The committed dvc.lock matches the committed code and params.yaml: a fresh clone's `dvc status`
+    reports its outputs missing (they live in the cache and remotes), never a changed dependency."""
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True, capture_output=True)
+    env = os.environ | {"DVC_NO_ANALYTICS": "1"}
+    dvc = str(Path(sys.executable).parent / "dvc")
+    status = subprocess.run([dvc, "status", "--json"], cwd=clone, env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    changed = {stage: [entry for entry in entries if isinstance(entry, dict) and "changed deps" in entry]
+               for stage, entries in json.loads(status.stdout or "{}").items()}
+    assert not any(changed.values()), f"dvc.lock is stale for {changed}: run `make lock` and commit dvc.lock"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from contextlib import chdir
 from pathlib import Path
 
 import pytest
@@ -42,8 +41,7 @@ def test_flow_reproduces_the_stage_functions_bit_for_bit(prefect_harness, pipeli
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
 
     pipeline = load_flow("pipeline").pipeline
-    with chdir(project):  # the stage functions use paths relative to the project
-        state = pipeline(progress=False, return_state=True)
+    state = pipeline(str(project), progress=False, return_state=True)  # the workspace: not the current folder
     assert state.is_completed(), state
     result = state.result()
     summary = result["registration"]

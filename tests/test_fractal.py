@@ -3,21 +3,14 @@ presets, and a tiny fractal-pretrained pipeline run through the real stage funct
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_BACKBONE, run_stages, write_params
 from promptcil.artifacts import read_json
-from promptcil.config import ConfigError, DataConfig, FractalConfig, merged_params, parse_params
-from promptcil.data import DataError, load_split, make_task_split
+from promptcil.config import ConfigError, FractalConfig, merged_params, parse_params
+from promptcil.data import DataError, make_task_split
 from promptcil.data.fractal import (
     IteratedFunctionSystem,
     class_generator,
@@ -25,6 +18,8 @@ from promptcil.data.fractal import (
     filled_fractions,
     fractal_images,
 )
+
+from conftest import REPO, TINY_BACKBONE, run_stages, write_params
 
 SMALL = FractalConfig(classes=4, images_per_class=6, points=256)
 
@@ -153,51 +148,3 @@ def test_a_tiny_fractal_pretraining_runs_through_the_pipeline(tmp_path, monkeypa
     assert len(metrics["accuracy_matrix"]) == 5
     assert 0 <= metrics["A_last"] <= 1
     assert result["registration"]["version"] == "1"
-
-
-# ---------------------------------------------------------------- bench/backbones.py (the device table)
-BACKBONES_BENCH = REPO / "bench" / "backbones.py"
-
-
-def test_backbones_bench_quick_run_fills_its_table_without_pipeline_packages(tmp_path):
-    """The device machine has no MLflow, Prefect or DVC: the bench runs the stage functions alone."""
-    out = tmp_path / "out"
-    command = [sys.executable, "-X", "importtime", str(BACKBONES_BENCH), "--quick", "--protocol", "digits",
-               "--backbone", "fractal", "--backbone", "random", "--work", str(tmp_path / "work"), "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    study = json.loads((out / "backbones.json").read_text())
-    assert [(c["protocol"], c["backbone"]) for c in study["cells"]] == [("digits", "fractal"), ("digits", "random")]
-    for cell in study["cells"]:
-        assert set(cell["methods"]) == {"SimpleCIL", "APT"}
-        assert all(0 <= m["A_last"] <= 1 for m in cell["methods"].values())
-    fractal, random = (c["pretraining"] for c in study["cells"])
-    assert fractal["data"] == "fractal" and fractal["train_images"] == 8 * 32 and random["source"] == "random"
-    table = (out / "backbones.md").read_text().strip()
-    assert table in done.stdout and "| digits | fractal | fractal | 256 |" in table
-    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    assert "stages.train" in imported
-    assert not [m for m in imported if m.split(".")[0] in ("mlflow", "prefect", "dvc")]
-
-
-def test_backbones_bench_takes_fashion_mnist_from_a_folder_of_gz_files(tmp_path, monkeypatch):
-    """What the device gets: the four original .gz files in a carried folder."""
-    debian = Path("/usr/share/datasets/fashion-mnist")
-    if not (debian / "t10k-images-idx3-ubyte.gz").exists():
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
-    monkeypatch.syspath_prepend(str(BACKBONES_BENCH.parent))  # bench/ is a folder of scripts: `import study`
-    spec = importlib.util.spec_from_file_location("bench_backbones", BACKBONES_BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    folder = tmp_path / "carried"
-    folder.mkdir()
-    for name in bench.FASHION_FILES:
-        (folder / f"{name}.gz").write_bytes((debian / f"{name}.gz").read_bytes())
-    root = bench.stage_fashion_mnist(folder, tmp_path / "data")
-    raw = root / "FashionMNIST" / "raw"
-    for name in bench.FASHION_FILES:
-        with gzip.open(folder / f"{name}.gz") as packed:
-            assert (raw / name).read_bytes() == packed.read()
-    test = load_split(DataConfig(source="fashion_mnist", root=root), "test", 28)
-    assert test.images.shape == (10000, 1, 28, 28)

@@ -29,7 +29,8 @@ def task0_stats(digits_tasks) -> dict[str, torch.Tensor]:
     sample = sample_images(digits_tasks.train, base, 32, seed=0)
     return {
         "class_features": class_means(stats["cls"][keep], stats["labels"][keep], len(base)),
-        "block_class_tokens": class_means(stats["block_input_tokens"][keep], stats["labels"][keep], len(base)).transpose(0, 1),
+        "block_class_tokens": class_means(stats["block_input_tokens"][keep], stats["labels"][keep],
+                                          len(base)).transpose(0, 1),
         "block_token_sample": block_token_sample(random_backbone, sample, 256, torch.device("cpu")),
         "sample_labels": sample.labels,
     }
@@ -54,7 +55,8 @@ def test_token_sample_holds_every_token_entering_every_block_for_task0_images(ta
     assert not torch.equal(sample[0], sample[1])  # block 1's input is block 0's output, not the embedding
 
 
-@pytest.mark.parametrize("method", [{"name": "vpt", "vpt": {"length": 6}}, {"name": "vpt", "vpt": {"length": 6, "deep": False}}])
+@pytest.mark.parametrize(
+    "method", [{"name": "vpt", "vpt": {"length": 6}}, {"name": "vpt", "vpt": {"length": 6, "deep": False}}])
 def test_spt_kmeans_slots_are_scikit_learn_centres_of_the_tokens_entering_each_block(
     method, random_backbone, task0_stats
 ):
@@ -162,14 +164,15 @@ def test_ensemble_of_identical_members_predicts_like_one_member(method, random_b
 
 
 def test_ensemble_members_train_side_by_side_from_different_inits(random_backbone, digits_tasks, tmp_path):
-    from promptcil.train import IncrementalTrainer
+    from promptcil.training import IncrementalTrainer
 
     params = make_params(method={"name": "apt", "ensemble": 2}, train={"epochs": 1, "batch_size": 64})
     model = build_model(params, random_backbone)
     first, second = model.method.members
     assert not torch.equal(first.additive_cls_prompt, second.additive_cls_prompt)
     before = {k: v.clone() for k, v in random_backbone.state_dict().items()}
-    IncrementalTrainer(model, digits_tasks.split, params.train, tmp_path, progress=False).run(digits_tasks.train, tasks=[0])
+    IncrementalTrainer(model, digits_tasks.split, params.train, tmp_path, progress=False).run(digits_tasks.train,
+                                                                                              tasks=[0])
     assert all(torch.equal(v, random_backbone.state_dict()[k]) for k, v in before.items())
     assert model.head.heads[0].num_classes == model.head.heads[1].num_classes == 4
     model.eval()
@@ -177,7 +180,7 @@ def test_ensemble_members_train_side_by_side_from_different_inits(random_backbon
         logits = model(digits_tasks.test.images[:16])
     assert logits.shape == (16, 4)
     # a reloaded task state rebuilds every member and head
-    from promptcil.train import load_task_state, task_state_path
+    from promptcil.training import load_task_state, task_state_path
 
     torch.manual_seed(99)
     fresh = IncrementalModel.from_params(params, random_backbone)
@@ -193,14 +196,15 @@ def test_ensemble_of_a_method_that_cannot_be_ensembled_is_a_one_line_error():
 
 
 def test_ensemble_with_an_analytic_head_adapts_each_member_on_the_first_task(random_backbone, digits_tasks, tmp_path):
-    from promptcil.train import IncrementalTrainer
+    from promptcil.training import IncrementalTrainer
 
     params = make_params(method={"name": "apt", "ensemble": 2}, head={"name": "prototype"},
                          train={"epochs": 1, "batch_size": 64})
     model = build_model(params, random_backbone)
     first, second = model.method.members
     before = [first.additive_cls_prompt.detach().clone(), second.additive_cls_prompt.detach().clone()]
-    IncrementalTrainer(model, digits_tasks.split, params.train, tmp_path, progress=False).run(digits_tasks.train, tasks=[0, 1])
+    IncrementalTrainer(model, digits_tasks.split, params.train, tmp_path, progress=False).run(digits_tasks.train,
+                                                                                              tasks=[0, 1])
     # both members' prompts were adapted on task 0 (through a linear head each), then kept
     assert not torch.equal(first.additive_cls_prompt.detach(), before[0])
     assert not torch.equal(second.additive_cls_prompt.detach(), before[1])

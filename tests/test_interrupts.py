@@ -1,6 +1,6 @@
 """Crashes for real: a train stage and a retrain flow SIGKILLed mid-run in their own processes.
 
-No mocks: the child is `python -m stages.train` / `python flows/retrain.py` as DVC and a scheduler
+No mocks: the child is `python -m stages.train` / `python -m flows.retrain` as DVC and a scheduler
 start them, killed with SIGKILL (no handler runs, nothing is flushed) the moment a committed
 checkpoint shows up on disk. Then: nothing half-written is visible, the registry and the
 champion are untouched, and a rerun resumes and ends where an uninterrupted run ends.
@@ -23,11 +23,11 @@ import pytest
 from mlflow import MlflowClient
 
 from promptcil import tracking
-from promptcil.provenance import RECORD_FILE
 from promptcil.artifacts import ArtifactError, load_tensors, manifest_path, sha256_file
 from promptcil.config import load_params
+from promptcil.provenance import RECORD_FILE
 
-from conftest import REPO, run_stages, run_stages_before_train, write_params
+from conftest import run_stages, run_stages_before_train, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +41,9 @@ EPOCHS = 4
 
 # ---------------------------------------------------------------- child processes
 def child_env(**extra: str) -> dict[str, str]:
-    """The test's environment, with this venv's bin first on PATH and the repo importable (`stages`)."""
+    """The test's environment, with this venv's bin first on PATH (stages and flows are installed packages)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     return env | extra
 
@@ -226,6 +225,7 @@ def model_files(client: MlflowClient, name: str, version: str) -> dict[str, str]
 @pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)")
 def test_retrain_flow_killed_mid_run_leaves_champion_and_resumes(tmp_path, monkeypatch, prefect_harness):
     from prefect.settings import PREFECT_API_URL
+
     from test_retrain import write_new_class
 
     project = tmp_path / "project"
@@ -245,7 +245,7 @@ def test_retrain_flow_killed_mid_run_leaves_champion_and_resumes(tmp_path, monke
     files_before = model_files(client, "promptcil", "1")
     outputs_before = tree_hashes(project / "outputs", skip=("retrain",))
     work = project / load_params(project / "params.yaml").retrain.work_dir
-    flow = [sys.executable, str(REPO / "flows" / "retrain.py")]
+    flow = [sys.executable, "-m", "flows.retrain"]
     env = child_env(MLFLOW_TRACKING_URI=uri, PREFECT_API_URL=str(PREFECT_API_URL.value()),
                     PREFECT_HOME=str(tmp_path / "prefect-home"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptcil.metrics import accuracy, count_parameters, gflops_per_image, summarize
+from promptcil.evaluation import accuracy, count_parameters, gflops_per_image, summarize
 
 
 def test_accuracy_of_labels() -> None:

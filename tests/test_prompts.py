@@ -7,7 +7,7 @@ import torch
 
 from promptcil.backbone import load_backbone
 from promptcil.config import BackboneConfig, MethodConfig
-from promptcil.metrics import gflops_per_image
+from promptcil.evaluation import gflops_per_image
 from promptcil.prompts import create_method
 
 from conftest import TINY_BACKBONE, make_params

@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from contextlib import chdir
 from pathlib import Path
 
 import pytest
 
 from promptcil.provenance import RECORD_FILE, claim, producer_record
 
-from conftest import run_stages_before_train, write_params
+from conftest import project_params, run_stages_before_train, write_params
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +68,13 @@ def outputs_of(project: Path) -> dict[str, str]:
 
 
 def run_all(project: Path) -> dict[str, str]:
-    from stages.evaluate import evaluate
-    from stages.train import train
+    from promptcil.workspace import Workspace
+    from stages import evaluate, train
 
     run_stages_before_train(project)
-    with chdir(project):
-        train(progress=False)
-        evaluate()
+    params, workspace = project_params(project), Workspace(project)
+    train.run(params, workspace, progress=False)
+    evaluate.run(params, workspace, progress=False)
     return outputs_of(project)
 
 

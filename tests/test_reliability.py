@@ -6,7 +6,6 @@ import importlib
 import os
 import subprocess
 import sys
-from contextlib import chdir
 from pathlib import Path
 
 import numpy as np
@@ -17,16 +16,15 @@ from PIL import Image
 
 from promptcil.config import ConfigError, parse_params
 from promptcil.data import DataError, ImageSet
+from promptcil.entry import stage_main
 from promptcil.incoming import read_incoming
 
-import stages.common
-
-from conftest import REPO, write_params
+from conftest import write_params
 
 
 def run_stage_process(project: Path, stage: str) -> subprocess.CompletedProcess:
     """A stage exactly as `dvc repro` runs it: `python -m stages.<name>` in the project folder."""
-    env = os.environ | {"PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlflow.db'}"}
     return subprocess.run([sys.executable, "-m", f"stages.{stage}"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -38,11 +36,10 @@ def run_stage(capsys):
     def run(project: Path, stage: str) -> subprocess.CompletedProcess:
         module = importlib.import_module(f"stages.{stage}")
         code = 0
-        with chdir(project):
-            try:
-                stages.common.run_stage(getattr(module, stage))
-            except SystemExit as exit_:
-                code = exit_.code
+        try:
+            stage_main(module.run, module.__doc__, ["--root", str(project), "--no-progress"])
+        except SystemExit as exit_:
+            code = exit_.code
         captured = capsys.readouterr()
         return subprocess.CompletedProcess([stage], code, captured.out, captured.err)
 
@@ -58,8 +55,10 @@ def test_a_stage_run_as_dvc_runs_it_fails_in_one_line(tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, code: int = 2) -> None:
+    """One `error:` line naming `fragments`, and the exit code of promptcil.errors' table (2 configuration,
+    3 data, 4 artifact)."""
+    assert result.returncode == code, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     for fragment in fragments:
@@ -67,24 +66,25 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 @pytest.mark.parametrize(
-    "edit, fragments",
+    "edit, fragments, code",
     [
-        (lambda raw: raw["train"].update(lr=-0.1), ["train.lr", "greater than 0"]),
-        (lambda raw: raw["train"].update(epochs=0), ["train.epochs"]),
-        (lambda raw: raw["train"].update(epochz=3), ["train.epochz", "unknown key"]),
-        (lambda raw: raw["data"].update(base_classes="four"), ["data.base_classes"]),
-        (lambda raw: raw["data"].update(classes_per_task=4), ["data.classes_per_task", "6"]),
-        (lambda raw: raw["data"].update(class_order=[0, 1, 2, 3, 4, 5, 6, 7, 8, 8]), ["data.class_order"]),
+        (lambda raw: raw["train"].update(lr=-0.1), ["train.lr", "greater than 0"], 2),
+        (lambda raw: raw["train"].update(epochs=0), ["train.epochs"], 2),
+        (lambda raw: raw["train"].update(epochz=3), ["train.epochz", "unknown key"], 2),
+        (lambda raw: raw["data"].update(base_classes="four"), ["data.base_classes"], 2),
+        (lambda raw: raw["data"].update(classes_per_task=4), ["data.classes_per_task", "6"], 3),
+        (lambda raw: raw["data"].update(class_order=[0, 1, 2, 3, 4, 5, 6, 7, 8, 8]), ["data.class_order"], 2),
     ],
     ids=["negative-lr", "zero-epochs", "misspelled-key", "wrong-type", "classes-not-dividing", "class-twice"],
 )
-def test_bad_params_stop_the_first_stage_with_one_line_and_nothing_written(tmp_path, run_stage, edit, fragments):
+def test_bad_params_stop_the_first_stage_with_one_line_and_nothing_written(tmp_path, run_stage, edit, fragments,
+                                                                          code):
     write_params(tmp_path)
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     edit(raw)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     result = run_stage(tmp_path, "prepare")
-    assert_one_line_error(result, *fragments)
+    assert_one_line_error(result, *fragments, code=code)
     assert not (tmp_path / "outputs").exists()
 
 
@@ -108,7 +108,7 @@ def test_a_corrupt_image_stops_prepare_naming_the_file(tmp_path, run_stage):
     broken = root / "train" / "b" / "1.png"
     broken.write_bytes(broken.read_bytes()[:40])  # truncated mid-file
     imagefolder_project(tmp_path, root)
-    assert_one_line_error(run_stage(tmp_path, "prepare"), str(broken))
+    assert_one_line_error(run_stage(tmp_path, "prepare"), str(broken), code=3)
     assert not (tmp_path / "outputs").exists()
 
 
@@ -118,13 +118,13 @@ def test_an_empty_class_folder_stops_prepare(tmp_path, run_stage):
     for image in (root / "train" / "c").iterdir():
         image.unlink()
     imagefolder_project(tmp_path, root)
-    assert_one_line_error(run_stage(tmp_path, "prepare"), "c", "no images")
+    assert_one_line_error(run_stage(tmp_path, "prepare"), "c", "no images", code=3)
     assert not (tmp_path / "outputs").exists()
 
 
 def test_a_missing_data_root_stops_prepare(tmp_path, run_stage):
     imagefolder_project(tmp_path, tmp_path / "nowhere")
-    assert_one_line_error(run_stage(tmp_path, "prepare"), "data.root", "does not exist")
+    assert_one_line_error(run_stage(tmp_path, "prepare"), "data.root", "does not exist", code=3)
 
 
 def test_an_output_folder_that_cannot_be_written_fails_in_one_line(tmp_path, run_stage):
@@ -132,7 +132,7 @@ def test_an_output_folder_that_cannot_be_written_fails_in_one_line(tmp_path, run
     is taken by a file, so nothing can be created under it."""
     write_params(tmp_path)
     (tmp_path / "outputs").write_text("not a folder")
-    assert_one_line_error(run_stage(tmp_path, "prepare"), "cannot write", "outputs/prepare")
+    assert_one_line_error(run_stage(tmp_path, "prepare"), "cannot write", "outputs/prepare", code=4)
 
 
 def test_an_incoming_class_that_already_exists_is_skipped_not_relearned(tmp_path):

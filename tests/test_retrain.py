@@ -4,10 +4,8 @@ its own images only; a second run is a no-op; the champion never moves without a
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import shutil
-from contextlib import chdir
 from pathlib import Path
 
 import mlflow
@@ -18,17 +16,17 @@ from PIL import Image
 from promptcil import tracking
 from promptcil.artifacts import load_tensors
 
-from conftest import REPO, run_stages, write_params
+from conftest import run_stages, write_params
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist (make test installs it)")
+pytestmark = pytest.mark.skipif(not FASHION.is_dir(),
+                                reason="needs Debian's dataset-fashion-mnist (make test installs it)")
 
 
 def load_retrain_flow():
-    spec = importlib.util.spec_from_file_location("retrain_flow", REPO / "flows" / "retrain.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.retrain
+    from flows.retrain import retrain
+
+    return retrain
 
 
 def write_new_class(folder: Path, fashion_label: int, count: int, tmp: Path, skip: int = 0) -> None:
@@ -61,20 +59,19 @@ def project(tmp_path, monkeypatch):
 
 def test_new_class_becomes_one_new_task_and_second_run_is_a_noop(project, prefect_harness):
     retrain = load_retrain_flow()
-    with chdir(project):
-        nothing = retrain()
+    nothing = retrain(str(project))
     assert nothing["status"] == "no new classes"
 
     write_new_class(project / "incoming" / "sneaker", fashion_label=7, count=16, tmp=project)
-    with chdir(project):
-        result = retrain()
+    result = retrain(str(project))
     assert result["status"] == "registered" and result["new_classes"] == ["sneaker"]
     client = MlflowClient()
     new = client.get_model_version("promptcil", result["version"])
     assert new.tags["review"] == "pending"
     assert str(client.get_model_version_by_alias("promptcil", "champion").version) == "1"  # no reviewer, no move
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}", dst_path=str(project / "dl")))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}",
+                                                     dst_path=str(project / "dl")))
     metrics = json.loads((local / "artifacts" / "metrics.json").read_text())
     old = json.loads((project / "outputs" / "evaluate" / "metrics.json").read_text())
     assert len(metrics["accuracy_matrix"]) == len(old["accuracy_matrix"]) + 1
@@ -86,8 +83,7 @@ def test_new_class_becomes_one_new_task_and_second_run_is_a_noop(project, prefec
     assert manifest["metadata"]["train_samples"] == 12
     assert manifest["metadata"]["classes_seen"] == 11
 
-    with chdir(project):
-        again = retrain()
+    again = retrain(str(project))
     assert again == {"status": "already registered", "version": result["version"], "champion": "1"}
     assert len(client.search_model_versions("name='promptcil'")) == 2
 
@@ -96,14 +92,14 @@ def test_retrain_continues_base_and_new_with_the_champion_meeting_the_new_classe
     """DePT's base/new continues across a retrain: the champion's entries are kept, the champion's last task
     gets its "new" (the incoming classes among themselves, by class means of the untrained champion), base
     is the accuracy on all classes seen, and HM their harmonic mean."""
-    from promptcil.metrics import harmonic_mean
+    from promptcil.evaluation import harmonic_mean
 
     for name, label in (("sneaker", 7), ("bag", 8)):
         write_new_class(project / "incoming" / name, fashion_label=label, count=16, tmp=project)
-    with chdir(project):
-        result = load_retrain_flow()()
+    result = load_retrain_flow()(str(project))
     assert result["status"] == "registered" and sorted(result["new_classes"]) == ["bag", "sneaker"]
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}", dst_path=str(project / "dl")))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}",
+                                                     dst_path=str(project / "dl")))
     metrics = json.loads((local / "artifacts" / "metrics.json").read_text())
     old = json.loads((project / "outputs" / "evaluate" / "metrics.json").read_text())
     tasks = len(old["next_task_class_mean_after_task"]) + 1
@@ -142,8 +138,8 @@ def test_retrained_ridge_head_equals_a_from_scratch_run_on_all_classes(tmp_path,
     import numpy as np
     import torch
 
-    from promptcil.incoming import read_incoming
     from promptcil.data import ImageSet
+    from promptcil.incoming import read_incoming
 
     head = {"name": "ridge", "ridge": {"projection_dim": 64, "ridge": 1.0}}
     common = dict(method={"name": "none"}, head=head, backbone={"source": "random"})
@@ -159,10 +155,10 @@ def test_retrained_ridge_head_equals_a_from_scratch_run_on_all_classes(tmp_path,
     write_digits_tree(old / "incoming_tree", [8])
     (old / "incoming").mkdir()
     shutil.move(old / "incoming_tree" / "train" / "8", old / "incoming" / "8")
-    with chdir(old):
-        result = load_retrain_flow()()
+    result = load_retrain_flow()(str(old))
     assert result["status"] == "registered"
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}", dst_path=str(tmp_path / "dl")))
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/promptcil/{result['version']}",
+                                                     dst_path=str(tmp_path / "dl")))
     retrained, _ = load_tensors(next(local.glob("artifacts/task_*.safetensors")), kind="task_state")
 
     # from scratch: every class from the start, digit 8 with exactly the images the retrain trained on

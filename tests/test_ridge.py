@@ -28,7 +28,7 @@ def fit(head: RidgeHead, features, labels, tasks: list[list[int]]) -> RidgeHead:
         mask = torch.isin(labels, torch.tensor(classes))
         for chunk in torch.split(torch.nonzero(mask).flatten(), 100):  # several batches per task
             head.observe(features[chunk], labels[chunk])
-        head.finish_task()
+        head.end_task()
     return head
 
 
@@ -77,7 +77,8 @@ def test_ridge_is_chosen_by_gcv_from_the_sums_and_equals_the_all_at_once_choice(
     joint = fit(RidgeHead(feats.shape[1], 128), feats, labels, [list(range(10))])
     assert float(incremental.ridge) in RIDGE_CANDIDATES
     assert float(incremental.ridge) == float(joint.ridge)
-    torch.testing.assert_close(incremental.weight, joint.weight, rtol=1e-4, atol=1e-5)  # float64 sums, summed in another order
+    # float64 sums, summed in another order
+    torch.testing.assert_close(incremental.weight, joint.weight, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(incremental(feats), joint(feats), rtol=1e-3, atol=1e-3)
 
 
@@ -89,7 +90,7 @@ def test_gcv_picks_the_strength_with_the_least_gcv_score(features, digits_tasks)
     keep = torch.arange(len(labels))[:200]
     head.add_classes(10)
     head.observe(feats[keep], labels[keep])
-    head.finish_task()
+    head.end_task()
     phi = head.expand(feats[keep]).double()
     target = torch.nn.functional.one_hot(labels[keep], 10).double()
     n = len(keep)
@@ -120,7 +121,7 @@ def test_a_restored_head_continues_exactly(features, digits_tasks):
 def test_apt_with_ridge_adapts_on_the_first_task_then_the_head_is_exact(digits_tasks, tmp_path):
     """RanPAC's first-session adaptation: APT trains on task 0 through a temporary linear head, then
     stays fixed; the ridge head over all tasks equals one fitted once on the final model's features."""
-    from promptcil.train import load_task_state, task_state_path
+    from promptcil.training import load_task_state, task_state_path
 
     backbone = load_backbone(BackboneConfig(source="random", **TINY_BACKBONE), seed=0)
     params = make_params(method={"name": "apt"}, head={"name": "ridge", "ridge": {"projection_dim": 128, "ridge": 1.0}})

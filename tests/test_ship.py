@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from promptcil.config import ConfigError, MethodConfig, ShipConfig
-from promptcil.prompts.ship import SemanticHierarchicalPrompt, layer_affinity, semantic_levels
+from promptcil.config import ConfigError, MethodConfig
+from promptcil.features import layer_affinity
+from promptcil.prompts.ship import SemanticHierarchicalPrompt, ShipConfig, semantic_levels
 from promptcil.prompts.vpt import VisualPromptTokens
-from promptcil.train import IncrementalTrainer
+from promptcil.training import IncrementalTrainer
 
 from conftest import build_model, make_params
 
@@ -111,7 +112,8 @@ def test_training_sets_the_matching_loss_and_leaves_the_backbone_bit_identical(r
     model.train()
     model.features(digits_tasks.train.images[:8])
     assert model.method.aux_loss is not None and float(model.method.aux_loss.detach()) > 0
-    IncrementalTrainer(model, digits_tasks.split, params.train, tmp_path, progress=False).run(digits_tasks.train, tasks=[0])
+    IncrementalTrainer(model, digits_tasks.split, params.train, tmp_path, progress=False).run(digits_tasks.train,
+                                                                                              tasks=[0])
     assert all(torch.equal(v, random_backbone.state_dict()[k]) for k, v in before.items())
     assert not torch.equal(model.method.semantic_independent.detach(), start)
 

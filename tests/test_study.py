@@ -1,6 +1,7 @@
-"""The Prefect study flow (flows/study.py): a grid of pipeline runs in worker processes, each a child
-run in MLflow; a grid run equals a plain pipeline run of the same params, bit for bit; finished runs
-are not run again; a bad study file fails in one line before anything runs."""
+"""The Prefect study flow (flows/study.py) over the one study runner (flows/study_runner.py): a grid of
+pipeline runs, each in its own workspace, each a child run in MLflow; a grid run equals a plain pipeline
+run of the same params, bit for bit; finished runs are not run again; a bad study file fails in one line
+before anything runs."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     prefect_harness, pipeline_project, tmp_path, monkeypatch
 ):
     from mlflow import MlflowClient
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.task_runners import ProcessPoolTaskRunner
 
     params_dir = tmp_path / "protocol"
     params_dir.mkdir()
@@ -50,7 +51,7 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     # One worker process: it gets this machine's CPU threads, as the plain run had, so the comparison below can
     # be bit for bit (float reductions, e.g. in the aligned head's training, are summed in another order on
     # another number of threads). Two workers at once: test_a_failing_run_is_reported_by_name...
-    study = load_flow("study").study.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    study = load_flow("study").study.with_options(task_runner=ProcessPoolTaskRunner(max_workers=1))
     result = study(str(spec), workers=1, work=str(work), out=str(out))
 
     rows = {row["variant"]: row for row in result["rows"]}
@@ -59,7 +60,9 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
         folder = work / "tiny-digits" / "tiny" / variant / "seed0"
         metrics = json.loads((folder / "outputs" / "evaluate" / "metrics.json").read_text())
         assert row["accuracy_matrix"] == metrics["accuracy_matrix"]
-        assert (folder / "outputs" / "backbone").resolve() == (work / "tiny-digits" / "shared" / "outputs" / "backbone")
+        # a workspace on top of the protocol's shared one: it reads the backbone there, never copies it
+        assert not (folder / "outputs" / "backbone").exists()
+        assert (work / "tiny-digits" / "shared" / "outputs" / "backbone" / "backbone.json").is_file()
     # a grid run is a pipeline run: same params, same backbone, same numbers, bit for bit
     assert rows["APT"]["accuracy_matrix"] == pipeline_project["metrics"]["accuracy_matrix"]
     assert rows["SimpleCIL"]["trainable_params"] == 0
@@ -110,7 +113,8 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     write_spec(spec, params_dir / "params.yaml", {**VARIANTS, "SimpleCIL": {**VARIANTS["SimpleCIL"],
                                                                            "train": {"epochs": 2}}})
     study(str(spec), workers=1, work=str(work), out=str(out))
-    apt_result, simple_result = (work / "tiny-digits" / "tiny" / v / "seed0" / "result.json" for v in ("APT", "SimpleCIL"))
+    apt_result, simple_result = (work / "tiny-digits" / "tiny" / v / "seed0" / "result.json"
+                                 for v in ("APT", "SimpleCIL"))
     assert apt_result.stat().st_mtime_ns == stamps[apt_result]
     assert simple_result.stat().st_mtime_ns != stamps[simple_result]
     assert yaml.safe_load((simple_result.parent / "params.yaml").read_text())["train"]["epochs"] == 2
@@ -125,7 +129,8 @@ def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_pat
         "unknown key": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]}, "variants": {"a": {}},
                          "seed": [0]}, "seed: unknown key"),
         "bad override": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]},
-                          "variants": {"ok": {}, "typo": {"method": {"nmae": "apt"}}}}, "typo, seed 0: method.nmae"),
+                          "variants": {"ok": {}, "typo": {"method": {"nmae": "apt"}}}},
+                         "variant 'typo', seed 0: method.nmae"),
         "missing params file": ({"name": "x", "protocols": {"p": [str(tmp_path / "nope.yaml")]}, "variants": {"a": {}}},
                                 "nope.yaml: file not found"),
         "no variants": ({"name": "x", "protocols": {"p": [str(params_dir / "params.yaml")]}, "variants": {}},
@@ -137,7 +142,7 @@ def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_pat
     for case, (content, expected) in cases.items():
         spec = tmp_path / f"{case.replace(' ', '-')}.yaml"
         spec.write_text(yaml.safe_dump(content))
-        done = subprocess.run([sys.executable, str(REPO / "flows" / "study.py"), str(spec), "--work", str(work)],
+        done = subprocess.run([sys.executable, "-m", "flows.study", str(spec), "--work", str(work)],
                               capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert done.returncode == 2, (case, done.stderr[-2000:])
         lines = done.stderr.strip().splitlines()
@@ -151,7 +156,7 @@ def test_a_failing_run_is_reported_by_name_and_the_others_are_kept(prefect_harne
     the protocol's token sample holds) fails the flow at the end, naming the run; the other runs finish,
     are written to the results and tracked; the study's MLflow run is marked FAILED."""
     from mlflow import MlflowClient
-    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect.task_runners import ProcessPoolTaskRunner
 
     params_dir = tmp_path / "protocol"
     params_dir.mkdir()
@@ -163,7 +168,7 @@ def test_a_failing_run_is_reported_by_name_and_the_others_are_kept(prefect_harne
     })
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    study = load_flow("study").study.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    study = load_flow("study").study.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))  # two processes
     state = study(str(spec), workers=2, work=str(tmp_path / "work"), out=str(tmp_path / "out"), return_state=True)
     assert state.is_failed()
     message = str(state.message) + repr(state.result(raise_on_failure=False))
@@ -176,3 +181,16 @@ def test_a_failing_run_is_reported_by_name_and_the_others_are_kept(prefect_harne
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert [c.data.tags["variant"] for c in children] == ["SimpleCIL"]
+
+
+@pytest.mark.parametrize("spec_file", sorted((REPO / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_study_file_plans_without_running(spec_file, tmp_path):
+    """The studies the docs report are study files the one runner plans: every protocol's params and every
+    variant's overrides validate, and no variant changes what the shared stages read."""
+    from flows.study_runner import plan
+    from promptcil.config import load_study
+
+    spec = load_study(spec_file)
+    planned = plan(spec, None, None, tmp_path / "data", tmp_path / "work")
+    assert planned.total == len(spec.protocols) * len(spec.variants) * len(spec.seeds)
+    assert not (tmp_path / "work").exists()  # planning writes nothing

@@ -13,9 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import chdir
 from datetime import datetime
-from pathlib import Path
 
 import mlflow
 import mlflow.tracking._model_registry.utils as registry_utils
@@ -30,7 +28,7 @@ from promptcil.config import GateConfig, RegistryConfig
 from promptcil.evaluation import predict
 from promptcil.tracking import ReviewError
 
-from conftest import NO_GATE
+from conftest import NO_GATE, final_model
 
 
 def use_store(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -60,7 +58,8 @@ def name(store, request) -> str:
 
 def register(logged_model: dict, name: str, gate: GateConfig | None = None) -> str:
     registry = RegistryConfig(model_name=name, gate=gate or NO_GATE)
-    registered = tracking.register_version(registry, logged_model["uri"], logged_model["metrics"], logged_model["run_id"])
+    registered = tracking.register_version(registry, logged_model["uri"], logged_model["metrics"],
+                                           logged_model["run_id"])
     return registered["version"]
 
 
@@ -75,9 +74,9 @@ def test_pipeline_run_is_tracked_and_registered(pipeline_project):
     uri, registration = pipeline_project["tracking_uri"], pipeline_project["registration"]
     client = MlflowClient(uri, uri)
     parent = client.get_run(registration["run_id"])
-    with chdir(pipeline_project["dir"]):
-        params = yaml.safe_load(Path("params.yaml").read_text())
-        prepared = json.loads(Path("outputs/prepare/tasks.json").read_text())
+    project = pipeline_project["dir"]
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    prepared = json.loads((project / "outputs" / "prepare" / "tasks.json").read_text())
     assert parent.data.params["train.epochs"] == str(params["train"]["epochs"])
     assert parent.data.params["backbone.embed_dim"] == str(params["backbone"]["embed_dim"])
     assert parent.data.metrics["A_last"] == pytest.approx(pipeline_project["metrics"]["A_last"])
@@ -239,17 +238,8 @@ def test_concurrent_registrations_get_distinct_versions(tmp_path, logged_model, 
 
 def evaluate_stage_predictions(project) -> tuple[torch.Tensor, list[str]]:
     """The test images and the class names the evaluate stage's model predicts for them."""
-    from stages.common import TRAIN, image_set, params, task_split
-    from stages.train import build_model
-
-    from promptcil.train import load_task_state, task_state_path
-
-    cpu = torch.device("cpu")
-    with chdir(project):
-        p, test, split = params(), image_set("test"), task_split()
-        model = build_model(p, cpu, init=False)
-        load_task_state(model, task_state_path(TRAIN, split.num_tasks - 1))
-    labels = predict(model, test, p.eval.batch_size, cpu)
+    p, model, test = final_model(project)
+    labels = predict(model, test, p.eval.batch_size, torch.device("cpu"))
     return test.images, [test.class_names[i] for i in labels.tolist()]
 
 

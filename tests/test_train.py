@@ -10,10 +10,9 @@ import torch
 from promptcil.backbone import load_backbone
 from promptcil.config import BackboneConfig
 from promptcil.data import ImageSet
-from promptcil.evaluation import accuracy_matrix
-from promptcil.metrics import summarize
+from promptcil.evaluation import accuracy_matrix, summarize
 from promptcil.model import IncrementalModel
-from promptcil.train import IncrementalTrainer, task_state_path
+from promptcil.training import IncrementalTrainer, task_state_path
 
 from conftest import TINY_BACKBONE, DigitsTasks, Interrupted, interrupt_after, make_params
 from conftest import build_model as build
@@ -48,18 +47,21 @@ def test_a_task_trains_on_its_own_data_only(random_backbone, digits_tasks, tmp_p
     params = make_params(method={"name": "apt"}, train={"epochs": 1})
     split = digits_tasks.split
     task1 = torch.isin(digits_tasks.train.labels, torch.tensor(list(split.task_classes(1))))
-    trainer = IncrementalTrainer(build(params, random_backbone), split, params.train, tmp_path / "probe", progress=False)
+    trainer = IncrementalTrainer(build(params, random_backbone), split, params.train, tmp_path / "probe",
+                                 progress=False)
     for t in range(split.num_tasks):
         loader = trainer.task_loader(trainer.task_data(digits_tasks.train, t), t, epoch=0)
         assert set(torch.cat([labels for _, labels in loader]).tolist()) == set(split.task_classes(t))
     wrecked = ImageSet(
-        images=torch.where(task1[:, None, None, None], digits_tasks.train.images, torch.full_like(digits_tasks.train.images, 255)),
+        images=torch.where(task1[:, None, None, None], digits_tasks.train.images,
+                           torch.full_like(digits_tasks.train.images, 255)),
         labels=digits_tasks.train.labels,
         class_names=digits_tasks.train.class_names,
     )
     # Train tasks 0 and 1 on clean data, then task 1 again from the same state on wrecked data.
     clean_model = build(params, random_backbone)
-    IncrementalTrainer(clean_model, split, params.train, tmp_path / "clean", progress=False).run(digits_tasks.train, tasks=[0, 1])
+    IncrementalTrainer(clean_model, split, params.train, tmp_path / "clean", progress=False).run(digits_tasks.train,
+                                                                                                 tasks=[0, 1])
     wrecked_model = build(params, random_backbone)
     trainer = IncrementalTrainer(wrecked_model, split, params.train, tmp_path / "wrecked", progress=False)
     trainer.run(digits_tasks.train, tasks=[0])
@@ -93,7 +95,9 @@ def test_resume_after_an_interrupted_epoch_ends_identical(random_backbone, digit
     [("none", "prototype", True, 1e-2, 0.45), ("apt", "linear", True, 1e-2, 0.55),
      ("vpt", "linear", False, 1e-3, 0.28), ("none", "ridge", True, 1e-2, 0.80)],
 )
-def test_digits_run_beats_chance_by_far(method, head, align, lr, threshold, pretrained_backbone, digits_tasks, tmp_path):
+def test_digits_run_beats_chance_by_far(
+    method, head, align, lr, threshold, pretrained_backbone, digits_tasks, tmp_path
+):
     params = make_params(method={"name": method, "vpt": {"length": 2}},
                          head={"name": head, "align": {"enabled": align}}, train={"epochs": 5, "lr": lr})
     model = run(params, pretrained_backbone, digits_tasks, tmp_path)
