@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install system-data demo test clean
+.PHONY: install system-data demo test lock clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,10 +21,14 @@ system-data:
 	fi
 
 demo: install
-	$(BIN)/python flows/pipeline.py
+	$(BIN)/python -m flows.pipeline
 
 test: install system-data
 	$(BIN)/pytest
+
+# after a code change: rerun what changed and record it, so dvc.lock matches the committed code
+lock: install
+	PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/dvc repro
 
 clean:
 	rm -rf outputs mlruns mlflow.db .pytest_cache

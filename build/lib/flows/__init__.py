@@ -1,0 +1,1 @@
+"""Prefect flows (the only code that imports Prefect): the pipeline, the scheduled retrain, and studies."""

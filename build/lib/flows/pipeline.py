@@ -1,0 +1,88 @@
+"""The full pipeline as one Prefect flow: the SAME stage functions `dvc repro` runs.
+
+    python -m flows.pipeline                                            # what `make demo` runs
+    python -m flows.pipeline --preset configs/fashion-mnist-b4inc2.yaml  # params.yaml + a preset overlay
+    python -m flows.pipeline --root DIR                                  # another workspace
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry calls
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from promptcil.config import Params, load_params, write_resolved_params  # noqa: E402
+from promptcil.errors import one_line_errors  # noqa: E402
+from promptcil.workspace import Workspace  # noqa: E402
+from stages import evaluate, features, prepare, pretrain, prompt_init, prototypes, register, train  # noqa: E402
+
+
+def stage_task(module: Any, *, retries: int = 0):
+    """A stage's `run` as a Prefect task (never cached: DVC and the producer records decide what reruns)."""
+    name = module.__name__.rsplit(".", 1)[-1]
+    return task(module.run, name=name, cache_policy=NO_CACHE, retries=retries, retry_delay_seconds=2)
+
+
+# I/O-bound steps retry (a busy disk, a locked sqlite store); compute steps do not, they resume instead.
+STAGES = {module.__name__.rsplit(".", 1)[-1]: stage_task(module, retries=2 if module in (prepare, register) else 0)
+          for module in (prepare, pretrain, features, prototypes, prompt_init, train, evaluate, register)}
+
+
+def resolve_params(workspace: Workspace, params_file: str | None, presets: list[str]) -> Params:
+    """params.yaml (or `params_file`) with the presets merged on top; with presets the merged file is written
+    to outputs/params.resolved.yaml, the params this run used."""
+    source = Path(params_file) if params_file else workspace.params_file
+    if presets:
+        source = write_resolved_params(workspace.resolved_params_file, source, *presets)
+    return load_params(source)
+
+
+@flow(name="promptcil-pipeline", log_prints=True)
+def pipeline(root: str = ".", presets: list[str] | None = None, params_file: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Every stage in order in the workspace `root`; returns {"metrics", "registration"}."""
+    logger = get_run_logger()
+    workspace = Workspace(Path(root))
+    params = resolve_params(workspace, params_file, presets or [])
+    if presets:
+        logger.info("params: %s", " + ".join([str(params_file or "params.yaml"), *presets]))
+    split = STAGES["prepare"](params, workspace, progress=progress)
+    logger.info("prepared %d tasks", split["num_tasks"])
+    backbone = STAGES["pretrain"](params, workspace, progress=progress)
+    logger.info("backbone %s (%s), weights sha256 %s", backbone["name"], backbone["source"],
+                backbone["weights_sha256"][:12])
+    for name in ("features", "prototypes", "prompt_init", "train"):
+        STAGES[name](params, workspace, progress=progress)
+    metrics = STAGES["evaluate"](params, workspace, progress=progress)
+    forgetting = "–" if metrics["forgetting"] is None else f"{metrics['forgetting']:.3f}"
+    logger.info("A_last %.3f  A_avg %.3f  forgetting %s", metrics["A_last"], metrics["A_avg"], forgetting)
+    registered = STAGES["register"](params, workspace, progress=progress)
+    logger.info("registered %s version %s: gate=%s",
+                registered["model_name"], registered["version"], registered["gate"])
+    return {"metrics": metrics, "registration": registered}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from promptcil.report import print_summary
+
+    parser = argparse.ArgumentParser(description="Run the whole promptcil pipeline as one Prefect flow.")
+    parser.add_argument("--root", default=".", help="the workspace: params.yaml and outputs/ (default: here)")
+    parser.add_argument("--params", help="the params file (default: ROOT/params.yaml)")
+    parser.add_argument("--preset", action="append", default=[], metavar="YAML",
+                        help="overlay from configs/ merged on top of the params (repeatable, in order)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    with one_line_errors():
+        load_params(args.params or Workspace(Path(args.root)).params_file, *args.preset)  # one line, before Prefect
+        result = pipeline(args.root, args.preset, args.params)
+    print_summary(result["metrics"], result["registration"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""The CIL accuracy matrix: every task's state on every task seen so far, predicting over all classes seen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from promptcil.data import ImageSet, TaskSplit, device_batches, subset
+from promptcil.model import IncrementalModel
+from promptcil.runtime import autocast_for
+from promptcil.training import load_task_state
+
+
+@torch.no_grad()
+def predict(model: IncrementalModel, data: ImageSet, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Predicted incremental labels for every image (CPU tensor), in data order."""
+    model.eval().to(device)
+    preds = []
+    for images, _ in device_batches(data, batch_size, device):
+        with autocast_for(device):
+            preds.append(model.predict(images))
+    return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
+
+
+def accuracy_row(
+    model: IncrementalModel, task_state: Path, task: int, test_set: ImageSet, split: TaskSplit,
+    batch_size: int, device: torch.device,
+) -> list[float]:
+    """[a[task][j] for j <= task]: the state after `task`, predicting over all classes it has seen."""
+    load_task_state(model, task_state)
+    seen = subset(test_set, list(split.seen_classes(task)))
+    correct = predict(model, seen, batch_size, device) == seen.labels
+    row = []
+    for j in range(task + 1):
+        in_task = torch.isin(seen.labels, torch.tensor(list(split.task_classes(j))))
+        row.append(correct[in_task].float().mean().item())
+    return row
+
+
+def accuracy_matrix(
+    model: IncrementalModel,
+    task_states: list[Path],
+    test_set: ImageSet,
+    split: TaskSplit,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[list[list[float | None]], list[int]]:
+    """a[i][j]: accuracy on task j's test classes after task i, predicting over ALL classes seen by i.
+
+    Returns the matrix (None above the diagonal) and the test-sample count per task.
+    """
+    tasks = len(task_states)
+    counts = [len(subset(test_set, list(split.task_classes(j)))) for j in range(tasks)]
+    matrix: list[list[float | None]] = []
+    for i, path in enumerate(task_states):
+        row: list[float | None] = list(accuracy_row(model, path, i, test_set, split, batch_size, device))
+        matrix.append(row + [None] * (tasks - i - 1))
+    return matrix, counts
+
+
+@torch.no_grad()
+def features_of(model: IncrementalModel, data: ImageSet, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The model's features of every image, (members, N, D) float32 on the CPU, in data order (members:
+    a prompt ensemble's K, else 1), as inference computes them."""
+    model.eval().to(device)
+    chunks = []
+    for images, _ in device_batches(data, batch_size, device):
+        with autocast_for(device):
+            features = model.features(images)
+        chunks.append(features.float().view(-1, len(images), features.shape[-1]).cpu())  # member-major rows
+    return torch.cat(chunks, dim=1)

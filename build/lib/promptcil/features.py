@@ -1,0 +1,147 @@
+"""Frozen-backbone statistics computed once per pipeline run (the `features` stage).
+
+For every training image: the final CLS feature (what prototype heads and
+SimpleCIL use) and, for every block, the mean patch token ENTERING that block
+(what the class-prototype initialiser needs). Per-class means of both are the
+prototypes. For a small seeded sample of task 0's images: every patch token
+entering every block (what the sampled_tokens and SPT initialisers draw from).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer
+
+from promptcil.backbone import embed_tokens
+from promptcil.data import DevicePreprocess, ImageSet, device_batches
+from promptcil.runtime import autocast_for
+
+
+def _entering_tokens(
+    backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device, *, with_output: bool = False
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Per batch: the final CLS feature and, for every block, the patch tokens entering it (prefix tokens
+    dropped); `with_output` appends the patch tokens leaving the last block."""
+    backbone.eval().to(device)
+    preprocess = DevicePreprocess.from_model(backbone).to(device)
+    prefix = backbone.num_prefix_tokens
+    for images, _ in device_batches(data, batch_size, device):
+        with autocast_for(device):
+            tokens = embed_tokens(backbone, preprocess(images))
+            entering = []
+            for block in backbone.blocks:
+                entering.append(tokens[:, prefix:])
+                tokens = block(tokens)
+            if with_output:
+                entering.append(tokens[:, prefix:])
+            cls = backbone.forward_head(backbone.norm(tokens), pre_logits=True)
+        yield cls, entering
+
+
+class _HostSink:
+    """Device results to host memory batch by batch, the GPU never waiting on the host.
+
+    Each batch is copied (non_blocking) into one of `slots` reused page-locked staging buffers and
+    moved on the CPU into the final, ordinary tensors when its slot comes round again: the host
+    then waits only for a copy queued `slots` batches ago, so the GPU keeps that many batches of
+    work queued. Page-locking the whole result instead (N x depth x D floats) costs more than the
+    copies themselves when N is large (docs/performance.md). On a CPU device it writes directly.
+    """
+
+    def __init__(self, rows: dict[str, tuple[int, ...]], count: int, batch_size: int, device: torch.device,
+                 slots: int = 3) -> None:
+        self.out = {name: torch.empty((count, *shape), dtype=torch.float32) for name, shape in rows.items()}
+        self.cuda = device.type == "cuda"
+        self.slots: list[dict] = []
+        if self.cuda:
+            self.slots = [{"staging": {name: torch.empty((batch_size, *shape), dtype=torch.float32, pin_memory=True)
+                                       for name, shape in rows.items()}, "event": None, "rows": None}
+                          for _ in range(slots)]
+        self.batches = 0
+        self.filled = 0  # rows handed over so far: the next batch's first row
+
+    def put(self, **values: torch.Tensor) -> None:
+        """The next batch's rows, one tensor per name given at construction."""
+        start, n = self.filled, next(iter(values.values())).shape[0]
+        self.filled += n
+        if not self.cuda:
+            for name, value in values.items():
+                self.out[name][start:start + n].copy_(value)
+            return
+        slot = self.slots[self.batches % len(self.slots)]
+        self._land(slot)
+        for name, value in values.items():
+            slot["staging"][name][:n].copy_(value, non_blocking=True)
+        slot["event"], slot["rows"] = torch.cuda.Event(), (start, n)
+        slot["event"].record()
+        self.batches += 1
+
+    def _land(self, slot: dict) -> None:
+        if slot["event"] is None:
+            return
+        slot["event"].synchronize()  # this slot's copy, queued len(slots) batches ago
+        start, n = slot["rows"]
+        for name, staging in slot["staging"].items():
+            self.out[name][start:start + n].copy_(staging[:n])
+        slot["event"] = None
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        for k in range(len(self.slots)):  # oldest first
+            self._land(self.slots[(self.batches + k) % len(self.slots)])
+        return self.out
+
+
+@torch.no_grad()
+def backbone_statistics(
+    backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """{"cls": (N, D), "block_input_tokens": (N, depth, D), "labels": (N,)} in data order, float32 on CPU;
+    block_input_tokens is each image's mean patch token entering each block."""
+    depth, dim = len(backbone.blocks), backbone.embed_dim
+    sink = _HostSink({"cls": (dim,), "block_input_tokens": (depth, dim)}, len(data), batch_size, device)
+    for cls, entering in _entering_tokens(backbone, data, batch_size, device):
+        sink.put(cls=cls, block_input_tokens=torch.stack([t.mean(dim=1) for t in entering], dim=1))
+    return {**sink.finish(), "labels": data.labels.clone()}
+
+
+@torch.no_grad()
+def block_token_sample(
+    backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device
+) -> torch.Tensor:
+    """(depth + 1, N, patches, D) float32 on CPU: every patch token entering every block, then those leaving
+    the last block, for a (small) sample of images: what the token-space initialisers (sampled_tokens,
+    SPT) and SHIP's attribute prototypes draw from."""
+    patches = backbone.patch_embed.num_patches
+    sink = _HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(data), batch_size,
+                     device)
+    for _, entering in _entering_tokens(backbone, data, batch_size, device, with_output=True):
+        sink.put(tokens=torch.stack(entering, dim=1))
+    return sink.finish()["tokens"].transpose(0, 1).contiguous()
+
+
+def sample_images(data: ImageSet, classes: range, count: int, seed: int) -> ImageSet:
+    """`count` images of `classes` drawn without replacement (all of them when there are fewer), seeded."""
+    pool = torch.isin(data.labels, torch.as_tensor(list(classes))).nonzero().flatten()
+    generator = torch.Generator().manual_seed(seed)
+    chosen = pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
+    return ImageSet(data.images[chosen], data.labels[chosen], data.class_names)
+
+
+def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, ...) mean of `values` per label; a class without samples is an error."""
+    counts = torch.bincount(labels, minlength=num_classes)
+    if (counts == 0).any():
+        raise ValueError(f"no samples for classes {(counts == 0).nonzero().flatten().tolist()}")
+    sums = torch.zeros((num_classes, *values.shape[1:]), dtype=torch.float64)
+    sums.index_add_(0, labels, values.double())
+    return (sums / counts.view(-1, *([1] * (values.dim() - 1)))).float()
+
+
+def layer_affinity(block_tokens: torch.Tensor) -> torch.Tensor:
+    """(N, depth, D) per-image features entering each block -> (depth, depth) cosine affinity,
+    computed per image, then averaged over images."""
+    unit = F.normalize(block_tokens.double(), dim=-1)
+    return (unit @ unit.transpose(1, 2)).mean(dim=0).float()

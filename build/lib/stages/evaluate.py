@@ -1,0 +1,62 @@
+"""evaluate: the accuracy matrix over tasks, A_last, A_avg, forgetting, the newest task's accuracy and
+base/next-task/HM after each task (DePT's protocol mapped to CIL), the joint upper bound (the same head
+fitted on all classes at once), GFLOPs and parameters, plus DVC plots (accuracy matrix as a table,
+accuracy after each task)."""
+
+from __future__ import annotations
+
+from promptcil.artifacts import write_json
+from promptcil.config import Params
+from promptcil.data import read_image_set, read_task_split
+from promptcil.entry import stage_main
+from promptcil.evaluation import (
+    accuracy_matrix,
+    base_new,
+    count_parameters,
+    gflops_per_image,
+    joint_upper_bound,
+    summarize,
+)
+from promptcil.model import build_model
+from promptcil.plots import write_accuracy_plots
+from promptcil.runtime import resolve_device
+from promptcil.training import load_task_state, task_state_path
+from promptcil.workspace import Workspace
+
+
+def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
+    p = workspace.localise(params)
+    prepared, out = workspace.of("prepare"), workspace.out("evaluate")
+    split = read_task_split(prepared)
+    device = resolve_device(p.train.device)
+    model = build_model(p, workspace.of("pretrain"), device=device)  # every task state holds the whole prompt
+    states = [task_state_path(workspace.of("train"), t) for t in range(split.num_tasks)]
+    test, train = read_image_set(prepared, "test"), read_image_set(prepared, "train")
+    matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
+    metrics = summarize(matrix, counts)
+    metrics |= base_new(model, states, metrics["accuracy_after_task"], train, test, split, p.eval.batch_size, device)
+    load_task_state(model, states[-1])
+    joint = joint_upper_bound(model, p.head, p.train, train, test, p.eval.batch_size, device)
+    metrics |= {"A_joint": joint, "A_last_vs_joint": metrics["A_last"] / joint if joint > 0 else None}
+    model.eval()
+    example = test.images[:8].to(device)
+    model.method.detach()  # the plain backbone's cost, for the ratio
+    plain_gflops = gflops_per_image(lambda x: model.backbone.forward_features(model.preprocess(x)), example)
+    model.method.attach()
+    gflops = gflops_per_image(model, example)
+    metrics |= {
+        "method": p.method.name,
+        "head": p.head.name,
+        "gflops_per_image": gflops,
+        "gflops_vs_plain_backbone": gflops / plain_gflops,
+        "trainable_params": count_parameters(model.method) + count_parameters(model.head, trainable_only=False),
+        "prompt_params": count_parameters(model.method),
+        "test_samples_per_task": counts,
+    }
+    write_json(out / "metrics.json", metrics)
+    write_accuracy_plots(metrics, out)
+    return metrics
+
+
+if __name__ == "__main__":
+    stage_main(run, __doc__)

@@ -1,0 +1,57 @@
+"""pretrain: the frozen backbone's weights. Trained here when backbone.source is `pretrain` (on the
+base classes, an upstream data set or rendered fractals: backbone.pretrain.data); otherwise only the
+reference and its weights' sha256 are recorded. Fractal images are regenerated from their parameters
+(versioned in params.yaml) on every run and never written: only the weights are."""
+
+from __future__ import annotations
+
+import time
+
+from promptcil.artifacts import ArtifactKind, save_tensors, write_json
+from promptcil.backbone import WEIGHTS_FILE, load_backbone, weights_fingerprint
+from promptcil.config import DataConfig, Params
+from promptcil.data import ImageSet, fractal_images, load_split, read_image_set, read_task_split, subset
+from promptcil.entry import stage_main
+from promptcil.pretrain import pretrain_backbone
+from promptcil.runtime import resolve_device
+from promptcil.workspace import Workspace
+
+
+def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
+    p = workspace.localise(params)
+    out = workspace.out("pretrain")
+    info: dict = {"name": p.backbone.name, "source": p.backbone.source}
+    if p.backbone.source == "pretrain":
+        started = time.perf_counter()
+        data = pretraining_data(p, workspace, progress=progress)
+        loaded = time.perf_counter()
+        model, losses = pretrain_backbone(p.backbone, data, resolve_device(p.train.device), seed=p.train.seed,
+                                          progress=progress)
+        info |= {"data": p.backbone.pretrain.data, "train_images": len(data),
+                 "classes": int(data.labels.unique().numel()), "epoch_losses": losses,
+                 "data_seconds": loaded - started, "seconds": time.perf_counter() - loaded}
+        save_tensors(out / WEIGHTS_FILE, model.state_dict(), kind=ArtifactKind.BACKBONE,
+                     metadata={"name": p.backbone.name})
+    else:
+        model = load_backbone(p.backbone, seed=p.train.seed)
+        info["file"] = str(params.backbone.file) if params.backbone.file else None
+    info["weights_sha256"] = weights_fingerprint(model)
+    write_json(out / "backbone.json", info)
+    return info
+
+
+def pretraining_data(p: Params, workspace: Workspace, *, progress: bool = False) -> ImageSet:
+    """Task 0 of the prepared data, every class of an upstream data set's train split, or fractals
+    rendered at the backbone's resolution on the stage's device."""
+    upstream = p.backbone.pretrain.data
+    if upstream == "base_classes":
+        prepared = workspace.of("prepare")
+        return subset(read_image_set(prepared, "train"), list(read_task_split(prepared).task_classes(0)))
+    if upstream == "fractal":
+        return fractal_images(p.backbone.pretrain.fractal, p.backbone.img_size, resolve_device(p.train.device),
+                              progress=progress)
+    return load_split(DataConfig(source=upstream, root=p.backbone.pretrain.root), "train", p.backbone.img_size)
+
+
+if __name__ == "__main__":
+    stage_main(run, __doc__)
