@@ -28,8 +28,8 @@ def print_summary(metrics: dict[str, Any], registration: dict[str, Any] | None =
     console.print(f"A_last {_fmt(metrics['A_last'])}   A_avg {_fmt(metrics['A_avg'])}   "
                   f"forgetting {_fmt(metrics.get('forgetting'))}   newest task {_fmt(last[-1])}   base {_fmt(last[0])}")
     if metrics.get("A_joint") is not None:
-        console.print(f"joint upper bound {_fmt(metrics['A_joint'])} (this head fitted on all classes at once): "
-                      f"A_last = {metrics['A_last_vs_joint']:.2f} x")
+        console.print(f"joint bound {_fmt(metrics['A_joint'])} (same head, all classes at once); "
+                      f"A_last / joint {metrics['A_last_vs_joint']:.2f}")
     if registration is not None:
         reasons = f" ({registration['gate_reasons']})" if registration.get("gate_reasons") else ""
         console.print(
