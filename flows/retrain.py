@@ -66,6 +66,7 @@ def register(project: Params, champion: Champion, retrained: Retrained, metrics:
         model_code=Path(serving.__file__),
         model_artifacts=artifacts,
         input_example=retrained.test.images[:2].numpy(),
+        class_names=retrained.test.class_names,
     )
 
 
@@ -76,7 +77,7 @@ def retrain(root: str = ".", params_file: str | None = None, progress: bool = Fa
     project = workspace.localise(load_params(params_file or workspace.params_file))
     tracking.configure(workspace.tracking_uri)
     name = project.registry.model_name
-    serving_version = tracking.champion(name)
+    serving_version = tracking.verified_champion(name)  # refused unless `promptcil review approve` recorded it
     if serving_version is None:
         raise ReviewError(f"no champion for '{name}': approve a version first (promptcil review approve)")
     version = str(serving_version["version"])

@@ -70,6 +70,7 @@ def _log(params: Params, workspace: Workspace, metrics: dict, tasks: dict, param
             metrics=evaluated / "metrics.json",
         ),
         input_example=read_image_set(prepared, "test").images[:2].numpy(),
+        class_names=tasks["class_names"],
     )
 
 

@@ -249,3 +249,73 @@ def test_champion_predicts_like_the_evaluate_stage(name, logged_model, pipeline_
     served = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     images, expected = evaluate_stage_predictions(pipeline_project["dir"])
     assert served.predict(images.numpy()) == expected
+
+
+# ---------------------------------------------------------------- review that the MLflow UI cannot bypass
+
+
+def test_a_champion_made_by_editing_tags_and_the_alias_is_refused(name, logged_model):
+    """What a user of the MLflow UI can do: set review=approved and move the alias. No approval record."""
+    client = MlflowClient()
+    version = register(logged_model, name)
+    client.set_model_version_tag(name, version, "review", "approved")
+    client.set_registered_model_alias(name, tracking.CHAMPION, version)
+    assert tracking.champion(name)["version"] == version  # the alias itself moved
+    with pytest.raises(ReviewError, match=f"{name} version {version} carries no approval recorded by promptcil review"):
+        tracking.verified_champion(name)
+
+    tracking.approve(name, version, reviewer="ada")  # the review CLI's way: a record names this version
+    assert tracking.verified_champion(name)["version"] == version
+    assert "Approved by ada" in client.get_model_version(name, version).description
+
+    other = register(logged_model, name)  # a second version, its tags and the alias edited by hand,
+    record = client.get_model_version(name, version).tags["approval_run_id"]  # even with a copied record
+    for key, value in {"review": "approved", "approval_run_id": record}.items():
+        client.set_model_version_tag(name, other, key, value)
+    client.set_registered_model_alias(name, tracking.CHAMPION, other)
+    with pytest.raises(ReviewError, match=f"version {other} carries no approval recorded"):
+        tracking.verified_champion(name)
+
+
+def test_a_gate_tag_edited_to_passed_cannot_be_approved(tmp_path, monkeypatch):
+    """The registration run's params keep the gate's verdict; a UI edit of the version's tag changes nothing."""
+    from conftest import run_stages, write_params
+
+    project = tmp_path / "project"
+    project.mkdir()
+    write_params(project, registry={"gate": {"min_A_last": 0.99}})
+    use_store(f"sqlite:///{project / 'mlflow.db'}", monkeypatch)
+    registration = run_stages(project)["registration"]
+    assert registration["gate"] == "failed"
+    client = MlflowClient()
+    client.set_model_version_tag("promptcil", registration["version"], "gate", "passed")
+    with pytest.raises(ReviewError, match="registration recorded gate=failed"):
+        tracking.approve("promptcil", registration["version"], reviewer="mallory")
+    assert tracking.champion("promptcil") is None
+
+
+def test_predict_and_the_served_model_refuse_an_alias_moved_by_hand(logged_model, tmp_path, monkeypatch):
+    """`promptcil predict models:/NAME@champion` and the pyfunc loading as the champion (what
+    `mlflow models serve -m models:/NAME@champion` does) refuse a champion without an approval record.
+    In a store of its own, under the name the model's params register it as (registry.model_name)."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from promptcil.cli import app
+
+    use_store(f"sqlite:///{tmp_path / 'mlflow.db'}", monkeypatch)
+    name = "promptcil"
+    client = MlflowClient()
+    version = register(logged_model, name)
+    client.set_model_version_tag(name, version, "review", "approved")
+    client.set_registered_model_alias(name, tracking.CHAMPION, version)
+    image = tmp_path / "digit.png"
+    Image.new("L", (8, 8), 100).save(image)
+    result = CliRunner().invoke(app, ["predict", f"models:/{name}@champion", str(image)])
+    assert result.exit_code == 1 and "carries no approval recorded by promptcil review" in result.stderr
+    with pytest.raises(ReviewError, match="carries no approval recorded"):
+        mlflow.pyfunc.load_model(f"models:/{name}@champion")
+
+    tracking.approve(name, version, reviewer="ada")  # recorded: both serve
+    assert CliRunner().invoke(app, ["predict", f"models:/{name}@champion", str(image)]).exit_code == 0
+    mlflow.pyfunc.load_model(f"models:/{name}@champion")

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from promptcil.config import RegistryConfig, load_section
+from promptcil.config import ConfigError, RegistryConfig, load_section
 from promptcil.errors import DataError, PromptcilError
 
 PARAMS = Path("params.yaml")
@@ -38,8 +38,13 @@ review_app = typer.Typer(
     no_args_is_help=True,
 )
 params_app = typer.Typer(help="Check params.yaml, the single source of configuration.", no_args_is_help=True)
+services_app = typer.Typer(
+    help="A local team stack: PostgreSQL, MLflow and Prefect servers, a worker (docs/operations.md).",
+    no_args_is_help=True,
+)
 app.add_typer(review_app, name="review")
 app.add_typer(params_app, name="params")
+app.add_typer(services_app, name="services")
 
 ModelOption = Annotated[
     str | None,
@@ -171,40 +176,39 @@ def predict(
     ],
     images: Annotated[
         list[Path],
-        typer.Argument(help="Image files (any format PIL reads).", exists=True, dir_okay=False, show_default=False),
+        typer.Argument(help="Image files: PNG, JPEG, WebP or GIF, any size (sent as they are; the model decodes "
+                       "and resizes them).", exists=True, dir_okay=False, show_default=False),
     ],
-    size: Annotated[
-        int | None,
-        typer.Option(
-            "--size", min=1,
-            help="Resize every image to SIZE x SIZE before stacking them. Default: the first image's size "
-            "(only images of another size are resized; the model resizes to its own input size).",
-            show_default=False,
-        ),
-    ] = None,
 ) -> None:
     """Print 'path<TAB>class name' for each image, as predicted by a registered model."""
     import mlflow.pyfunc
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
 
     from promptcil import tracking
+    from promptcil.errors import ArtifactError
 
     with _one_line_errors():
-        pictures = []
-        for path in images:
+        files = np.empty(len(images), dtype=object)  # the files' bytes: the model's `image` input
+        for i, path in enumerate(images):
             try:
-                with Image.open(path) as image:
-                    pictures.append(image.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as err:
-                raise DataError(f"cannot read image {path}: {err}") from None
-        target = (size, size) if size else pictures[0].size
-        batch = np.stack([
-            np.asarray(p if p.size == target else p.resize(target, Image.Resampling.BILINEAR), dtype=np.uint8)
-            for p in pictures
-        ]).transpose(0, 3, 1, 2)
+                files[i] = path.read_bytes()
+            except OSError as err:
+                raise DataError(f"cannot read image {path}: {err.strerror or err}") from None
         tracking.configure()
-        labels = mlflow.pyfunc.load_model(model_uri).predict(np.ascontiguousarray(batch))
+        tracking.champion_of_uri(model_uri)  # models:/NAME@champion: only one `review approve` recorded
+        model = mlflow.pyfunc.load_model(model_uri)
+        schema = model.metadata.get_input_schema()
+        if schema is None or "image" not in schema.input_names():
+            raise ArtifactError(f"{model_uri} takes no encoded images (registered before models did): "
+                                "register a new version of it")
+        try:
+            labels = model.predict({"image": files})
+        except Exception as err:
+            # promptcil.serving.BadRequest, raised by the model's own copy of that module (not this process's)
+            if type(err).__name__ != "BadRequest":
+                raise
+            reason, index = err.reason, err.image_index
+            raise DataError(reason if index is None else f"cannot read image {images[index]}: {reason}") from None
     for path, label in zip(images, labels, strict=True):
         typer.echo(f"{path}\t{label}")
 
@@ -255,6 +259,59 @@ def serve(
         code = subprocess.call(command)
     except KeyboardInterrupt:
         code = 130
+    raise typer.Exit(code)
+
+
+# ---------------------------------------------------------------- team services and deployments
+
+RootOption = Annotated[Path, typer.Option("--root", help="The workspace (default: here).")]
+
+
+@services_app.command("start")
+def services_start(root: RootOption = Path(".")) -> None:
+    """Start PostgreSQL, the MLflow and Prefect servers on it and a worker, on free localhost ports."""
+    from promptcil import services
+
+    with _one_line_errors():
+        stack = services.start(root)
+    console = Console(highlight=False)
+    for key, value in stack.env().items():
+        console.print(f"{key}={value}", markup=False)
+    console.print(f"source {root.resolve() / services.ENV_FILE} to use them; promptcil services stop to stop them",
+                  markup=False)
+
+
+@services_app.command("stop")
+def services_stop(root: RootOption = Path(".")) -> None:
+    """Stop what `promptcil services start` started for the workspace (by the process ids it recorded)."""
+    from promptcil import services
+
+    with _one_line_errors():
+        stopped = services.stop(root)
+    typer.echo(f"stopped: {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def deploy(root: RootOption = Path(".")) -> None:
+    """Deploy the pipeline, retrain and study flows to the Prefect server (prefect.yaml), on the workspace
+    ROOT, the retrain scheduled by retrain.cron in ROOT/params.yaml. Needs PREFECT_API_URL (a server)."""
+    import os
+
+    import flows
+    from promptcil.config import RetrainConfig
+
+    with _one_line_errors():
+        if not os.environ.get("PREFECT_API_URL"):
+            raise ConfigError("deploy needs a Prefect server: source .services.env (make services) or set "
+                              "PREFECT_API_URL")
+        project = Path(flows.__file__).resolve().parents[1]
+        if not (project / "prefect.yaml").is_file():
+            raise ConfigError(f"{project} holds no prefect.yaml: deploy from a promptcil checkout")
+        params = root.resolve() / "params.yaml"
+        cron = load_section(RetrainConfig, "retrain", params).cron if params.is_file() else RetrainConfig().cron
+    env = os.environ | {"PROMPTCIL_ROOT": str(root.resolve()), "PROMPTCIL_RETRAIN_CRON": cron, "PWD": str(project)}
+    prefect = Path(sys.executable).parent / "prefect"
+    code = subprocess.call([str(prefect), "--no-prompt", "deploy", "--all"], cwd=project, env=env)
     raise typer.Exit(code)
 
 

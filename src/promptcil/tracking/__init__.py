@@ -18,6 +18,8 @@ _HOMES = {
     "candidate_for": "registry", "gate_failures": "registry", "model_signature": "registry",
     "register_version": "registry", "serving_requirements": "registry",
     "CHAMPION": "review", "approve": "review", "champion": "review", "list_versions": "review", "reject": "review",
+    "verified_champion": "review", "verify_approval": "review", "champion_of_uri": "review",
+    "refuse_unapproved_champion": "review",
     "end_study": "runs", "log_pipeline_run": "runs", "log_study_run": "runs", "start_study": "runs",
 }
 

@@ -40,9 +40,19 @@ def gate_failures(metrics: dict[str, Any], gate: GateConfig) -> list[str]:
 
 
 def model_signature(example: np.ndarray) -> ModelSignature:
-    """uint8 images (N, C, H, W) in — grey or RGB, any size: the model resizes on its device — one class
-    name per image out."""
-    images = TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))
+    """One input, `image`: a batch of images, each an encoded file (PNG, JPEG, WebP or GIF bytes;
+    base64 text in JSON, `{"inputs": {"image": ["<base64>", ...]}}`) or the whole batch as uint8
+    pixels (N, C, H, W) or (N, H, W), grey or RGB, any size (the model resizes); one class name per
+    image out. `example`, the run's input example, is such a pixel batch.
+
+    `image` is an object tensor of any length: MLflow maps a bare array onto the one input and passes
+    whatever it holds to `predict`, which checks both forms (`promptcil.serving` says why no column
+    or uint8 schema can take both).
+    """
+    if not (isinstance(example, np.ndarray) and example.dtype == np.uint8 and example.ndim in (3, 4)):
+        raise ValueError(f"input example: expected uint8 images (N, C, H, W) or (N, H, W), got "
+                         f"{getattr(example, 'dtype', type(example).__name__)} {getattr(example, 'shape', '')}")
+    images = TensorSpec(np.dtype(object), (-1,), name="image")
     return ModelSignature(inputs=Schema([images]), outputs=Schema([ColSpec("string", name="class_name")]))
 
 
@@ -55,11 +65,31 @@ def serving_requirements() -> list[str]:
     return [f"{name}=={version(name)}" for name in packages]
 
 
+MODEL_DESCRIPTION = (
+    "Prompts for a frozen Vision Transformer that learn new classes task by task without keeping old data "
+    "(promptcil). Every version is a candidate (tag review=pending) with the quality gate's verdict (tag gate); "
+    "`promptcil review approve` records an approval and moves the alias champion, the version that serves."
+)
+
+
+def version_description(metrics: dict[str, Any], class_names: list[str] | None, failures: list[str]) -> str:
+    """What a version learned and how it scored, for a reviewer reading the registry."""
+    tasks = len(metrics["accuracy_matrix"])
+    learned = f"{len(class_names)} classes ({', '.join(class_names[:12])}{', ...' if len(class_names) > 12 else ''})" \
+        if class_names else "its classes"
+    origin = f", retrained from version {metrics['retrained_from']}" if metrics.get("retrained_from") else ""
+    verdict = "passed" if not failures else f"failed ({'; '.join(failures)})"
+    forgetting = "–" if metrics.get("forgetting") is None else f"{metrics['forgetting']:.3f}"
+    return (f"Learned {learned} in {tasks} tasks{origin}. A_last {metrics['A_last']:.3f}, forgetting {forgetting}, "
+            f"newest task {metrics['accuracy_matrix'][-1][-1]:.3f}. Quality gate: {verdict}.")
+
+
 def register_version(
-    registry: RegistryConfig, model_uri: str, metrics: dict[str, Any], run_id: str | None = None
+    registry: RegistryConfig, model_uri: str, metrics: dict[str, Any], run_id: str | None = None, *,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Register `model_uri` as a new version of `registry.model_name`, tagged review=pending and
-    gate=passed|failed (with gate_reasons) from `registry.gate`.
+    gate=passed|failed (with gate_reasons) from `registry.gate`, described for its reviewer.
 
     The tags are written with the version in one transaction, so no reader ever sees a version
     without its review and gate tags.
@@ -74,6 +104,11 @@ def register_version(
              if key in ("A_last", "A_avg", "forgetting", "newest_task_accuracy", "base_accuracy")}
     with contextlib.redirect_stderr(io.StringIO()):  # MLflow prints "Successfully registered..." itself
         version = mlflow.register_model(model_uri, registry.model_name, tags=tags)
+    client = MlflowClient()
+    client.update_model_version(registry.model_name, str(version.version),
+                                description=version_description(metrics, class_names, failures))
+    if not client.get_registered_model(registry.model_name).description:
+        client.update_registered_model(registry.model_name, description=MODEL_DESCRIPTION)
     return {
         "run_id": run_id,
         "model_name": registry.model_name,

@@ -1,14 +1,22 @@
-"""Review: model-version tags and one alias.
+"""Review: model-version tags, one alias, and approval records that the MLflow UI cannot make.
 
 ``review`` (pending → approved | rejected) and ``gate`` (passed | failed) are tags; the alias
 ``champion`` marks the version that serves. `approve` is the only code in promptcil that sets
 the alias, and it re-reads the tags right before and right after setting it, so a version that
 is not approved, or failed the quality gate, never stays champion.
+
+Tags and aliases can also be edited in the MLflow UI, which would bypass that. So `approve` also
+writes an approval record the UI cannot produce: a run in the experiment `promptcil-reviews` whose
+params (which nothing can edit after they are logged) name the model, the version and the version's
+source, linked from the version's tag `approval_run_id`; and the registration run's params record
+the quality gate's verdict. `verified_champion` (the retrain flow, `promptcil predict`, the served
+model) accepts a champion only with a matching record and a passed gate in its run's params.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
@@ -18,6 +26,8 @@ from mlflow.exceptions import MlflowException
 from promptcil.errors import ReviewError
 
 CHAMPION = "champion"
+REVIEW_EXPERIMENT = "promptcil-reviews"
+GATE_PARAM = "promptcil.gate"  # the registration run's param: the gate's verdict, uneditable
 
 
 def list_versions(model_name: str) -> list[dict[str, Any]]:
@@ -40,6 +50,65 @@ def champion(model_name: str) -> dict[str, Any] | None:
     return None if version is None else _describe(client.get_model_version(model_name, version))
 
 
+def verified_champion(model_name: str) -> dict[str, Any] | None:
+    """The champion, refused (ReviewError) unless `promptcil review approve` recorded its approval; None
+    when there is no champion."""
+    client = MlflowClient()
+    version = _champion_version(client, model_name)
+    if version is None:
+        return None
+    current = client.get_model_version(model_name, version)
+    verify_approval(client, current)
+    return _describe(current)
+
+
+def refuse_unapproved_champion(model_name: str, model_id: str) -> None:
+    """Refuse (ReviewError) when the logged model `model_id` is `model_name`'s champion without a recorded
+    approval (what the served model checks as it loads; `model_name` is its params' registry.model_name,
+    under which promptcil registers it)."""
+    client = MlflowClient()
+    number = _champion_version(client, model_name)
+    if number is not None and _model_id(current := client.get_model_version(model_name, number)) == model_id:
+        verify_approval(client, current)
+
+
+def _model_id(version: ModelVersion) -> str | None:
+    """The logged model a version holds: its `models:/<id>` source, or the MLmodel of a source folder."""
+    import yaml
+
+    if version.source.startswith("models:/"):
+        return version.source.removeprefix("models:/")
+    mlmodel = Path(version.source.removeprefix("file://")) / "MLmodel"
+    return yaml.safe_load(mlmodel.read_text()).get("model_id") if mlmodel.is_file() else None
+
+
+def champion_of_uri(model_uri: str) -> None:
+    """For `models:/NAME@champion`, refuse a champion whose approval `approve` did not record."""
+    name, _, alias = model_uri.removeprefix("models:/").partition("@")
+    if model_uri.startswith("models:/") and alias == CHAMPION:
+        verified_champion(name)
+
+
+def verify_approval(client: MlflowClient, version: ModelVersion) -> None:
+    """Refuse a version whose approval is not one `approve` recorded (a tag or an alias moved in the UI)."""
+    label, tags = f"{version.name} version {version.version}", version.tags
+    fix = f"approve it with `promptcil review approve {version.version} --reviewer NAME`"
+    _check_can_serve(version, require_approved=True)
+    record_id = tags.get("approval_run_id")
+    try:
+        record = client.get_run(record_id) if record_id else None
+    except MlflowException:
+        record = None
+    expected = {"model": version.name, "version": str(version.version), "source": version.source}
+    if (record is None or record.data.tags.get("promptcil.review") != "approval"
+            or any(record.data.params.get(key) != value for key, value in expected.items())):
+        raise ReviewError(f"{label} carries no approval recorded by promptcil review (a tag or alias edited in "
+                          f"the MLflow UI?): {fix}")
+    registered_by = client.get_run(version.run_id).data.params.get(GATE_PARAM) if version.run_id else None
+    if registered_by not in (None, "passed"):
+        raise ReviewError(f"{label}'s registration recorded gate={registered_by}: it cannot serve")
+
+
 def approve(model_name: str, version: int | str, reviewer: str, note: str | None = None) -> dict[str, Any]:
     """Approve a version and make it champion (the alias moves from the previous champion).
 
@@ -51,8 +120,13 @@ def approve(model_name: str, version: int | str, reviewer: str, note: str | None
     current = _model_version(client, model_name, version)
     number = str(current.version)  # the sqlite store returns an int, the REST store a string
     _check_can_serve(current, require_approved=False)
+    registered_gate = client.get_run(current.run_id).data.params.get(GATE_PARAM) if current.run_id else None
+    if registered_gate not in (None, "passed"):
+        raise ReviewError(f"{model_name} version {number}'s registration recorded gate={registered_gate} (its tag "
+                          "was edited): it cannot be approved")
     previous = _champion_version(client, model_name)
-    tags = {"reviewer": reviewer, "reviewed_at": _utc_now()}
+    tags = {"reviewer": reviewer, "reviewed_at": _utc_now(),
+            "approval_run_id": _record_approval(client, current, reviewer, note, previous)}
     if note:
         tags["review_note"] = note
     if previous is not None and previous != number:
@@ -74,8 +148,27 @@ def approve(model_name: str, version: int | str, reviewer: str, note: str | None
         else:
             client.delete_registered_model_alias(model_name, CHAMPION)
         raise
+    described = f"{after.description or ''}".split("\n\nApproved by")[0]
+    client.update_model_version(model_name, number, description=f"{described}\n\nApproved by {reviewer} on "
+                                f"{tags['reviewed_at']}" + (f": {note}" if note else "") + ".")
     # previous_champion here: the champion right before this call (None: none, or this version)
     return _describe(after) | {"previous_champion": previous if previous != number else None}
+
+
+def _record_approval(client: MlflowClient, version: ModelVersion, reviewer: str, note: str | None,
+                     previous: str | None) -> str:
+    """The approval record: a finished run whose params name exactly this version (see the module doc)."""
+    from mlflow.entities import Param
+
+    from promptcil.tracking.store import experiment_id
+
+    run = client.create_run(experiment_id(REVIEW_EXPERIMENT), tags={"promptcil.review": "approval"},
+                            run_name=f"{version.name} v{version.version} approved by {reviewer}")
+    params = {"model": version.name, "version": str(version.version), "source": version.source,
+              "reviewer": reviewer, "note": (note or "")[:500], "previous_champion": previous or ""}
+    client.log_batch(run.info.run_id, params=[Param(key, value) for key, value in params.items()])
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
 
 
 def reject(model_name: str, version: int | str, reason: str) -> dict[str, Any]:

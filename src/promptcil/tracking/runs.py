@@ -13,7 +13,9 @@ from mlflow import MlflowClient
 from promptcil.config.base import flatten
 from promptcil.config.sections import RegistryConfig
 from promptcil.tracking.metrics import per_task_values, summary_values
-from promptcil.tracking.registry import model_signature, register_version, serving_requirements
+from promptcil.tracking.registry import gate_failures, model_signature, register_version, serving_requirements
+from promptcil.tracking.review import GATE_PARAM
+from promptcil.tracking.store import experiment_id
 
 
 def log_pipeline_run(
@@ -26,16 +28,21 @@ def log_pipeline_run(
     model_code: Path,
     model_artifacts: dict[str, str],
     input_example: np.ndarray,
+    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Log the run and register its prompt as a new model version tagged review=pending,
     and gate=passed or gate=failed (with the reasons) from params' quality gate.
 
     `input_example`: a few uint8 images (N, C, H, W) as the model takes them; with the signature it
     tells a reviewer and `mlflow models serve` what the model expects."""
-    mlflow.set_experiment(registry.experiment)
+    mlflow.set_experiment(experiment_id=experiment_id(registry.experiment))
     with mlflow.start_run(run_name=f"{params['method']['name']}-{params['data']['source']}") as parent:
         mlflow.set_tags(tags | {"method": params["method"]["name"]})
         mlflow.log_params(flatten(params))
+        # the gate's verdict as params, which no one can edit afterwards (the version's tags can be: review.py)
+        failures = gate_failures(metrics, registry.gate)
+        mlflow.log_params({GATE_PARAM: "failed" if failures else "passed",
+                           f"{GATE_PARAM}_reasons": "; ".join(failures)[:500]})
         for t in range(len(metrics["accuracy_after_task"])):
             mlflow.log_metrics(per_task_values(metrics, t), step=t)
         mlflow.log_metrics(summary_values(metrics))
@@ -53,7 +60,7 @@ def log_pipeline_run(
             input_example=input_example,
         )
         run_id = parent.info.run_id
-    return register_version(registry, info.model_uri, metrics, run_id=run_id)
+    return register_version(registry, info.model_uri, metrics, run_id=run_id, class_names=class_names)
 
 
 def start_study(name: str, params: dict[str, Any], spec_file: Path) -> tuple[str, str]:
@@ -61,12 +68,11 @@ def start_study(name: str, params: dict[str, Any], spec_file: Path) -> tuple[str
     artifact (variant names are free text, not MLflow param keys); returns (experiment id, run id).
     The client API (explicit run ids) because the study's runs are logged from several threads."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(f"study-{name}")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(f"study-{name}")
-    run = client.create_run(experiment_id, run_name=name, tags={"promptcil.study": name})
+    study_experiment = experiment_id(f"study-{name}")
+    run = client.create_run(study_experiment, run_name=name, tags={"promptcil.study": name})
     _log_params(client, run.info.run_id, flatten(params))
     client.log_artifact(run.info.run_id, str(spec_file))
-    return experiment_id, run.info.run_id
+    return study_experiment, run.info.run_id
 
 
 def log_study_run(

@@ -63,3 +63,18 @@ def _create_sqlite_store(uri: str, db: Path) -> None:
             client.search_registered_models(max_results=1)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def experiment_id(name: str) -> str:
+    """The experiment `name`, created when missing. In a sqlite store its artifacts go beside the database
+    (`<folder of mlflow.db>/mlruns`), not into the current folder's ./mlruns (MLflow's default), so a
+    workspace's runs stay in the workspace whatever folder the command ran from."""
+    client = MlflowClient()
+    if (experiment := client.get_experiment_by_name(name)) is not None:
+        return experiment.experiment_id
+    db = _sqlite_file(mlflow.get_tracking_uri())
+    location = (db.parent / "mlruns").as_uri() if db is not None else None
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent run in between
+        return client.get_experiment_by_name(name).experiment_id
