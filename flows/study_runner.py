@@ -168,7 +168,7 @@ def run_point(point: Point, shared_root: Path, *, probe_first_epoch: bool = Fals
     from promptcil.artifacts import atomic_write_bytes
 
     atomic_write_bytes(point.run_dir / "params.yaml", yaml.safe_dump(point.params, sort_keys=False).encode())
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     prompt_init.run(params, workspace, progress=progress)
     after_first_epoch: dict[str, torch.Tensor] = {}
 
@@ -198,6 +198,7 @@ def run_point(point: Point, shared_root: Path, *, probe_first_epoch: bool = Fals
         "head_bytes": head_bytes(last_state),
         "seconds_per_task": [t["seconds"] for t in log["log"]],
         "run_seconds": time.perf_counter() - started,
+        "run_window_seconds": [started_at, time.time()],  # wall-clock start and end: a grid's span, runs per hour
         "first_epoch_accuracy": first_epoch_accuracy(params, workspace, after_first_epoch) if after_first_epoch
         else None,
     }

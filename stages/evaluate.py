@@ -5,9 +5,12 @@ accuracy after each task)."""
 
 from __future__ import annotations
 
-from promptcil.artifacts import write_json
+import time
+
+from promptcil.artifacts import read_json, write_json
 from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
+from promptcil.distributed import setup
 from promptcil.entry import stage_main
 from promptcil.evaluation import (
     accuracy_matrix,
@@ -19,7 +22,6 @@ from promptcil.evaluation import (
 )
 from promptcil.model import build_model
 from promptcil.plots import write_accuracy_plots
-from promptcil.runtime import resolve_device
 from promptcil.training import load_task_state, task_state_path
 from promptcil.workspace import Workspace
 
@@ -28,16 +30,18 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     p = workspace.localise(params)
     prepared, out = workspace.of("prepare"), workspace.out("evaluate")
     split = read_task_split(prepared)
-    device = resolve_device(p.train.device)
+    ranks, device = setup(p.train.device)  # torchrun: each rank predicts its shard, rank 0 writes
     model = build_model(p, workspace.of("pretrain"), device=device)  # every task state holds the whole prompt
     states = [task_state_path(workspace.of("train"), t) for t in range(split.num_tasks)]
     test, train = read_image_set(prepared, "test"), read_image_set(prepared, "train")
+    started = time.perf_counter()
     matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
     metrics = summarize(matrix, counts)
     metrics |= base_new(model, states, metrics["accuracy_after_task"], train, test, split, p.eval.batch_size, device)
     load_task_state(model, states[-1])
     joint = joint_upper_bound(model, p.head, p.train, train, test, p.eval.batch_size, device)
     metrics |= {"A_joint": joint, "A_last_vs_joint": metrics["A_last"] / joint if joint > 0 else None}
+    seconds = time.perf_counter() - started  # every task state over the test set, and the joint bound
     model.eval()
     example = test.images[:8].to(device)
     model.method.detach()  # the plain backbone's cost, for the ratio
@@ -53,9 +57,17 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
         "prompt_params": count_parameters(model.method),
         "test_samples_per_task": counts,
     }
-    write_json(out / "metrics.json", metrics)
-    write_accuracy_plots(metrics, out)
+    if ranks.writer:
+        write_json(out / "metrics.json", metrics)
+        write_accuracy_plots(metrics, out)
+        write_json(out / "evaluate.json", {"world_size": ranks.world, "seconds": seconds,
+                                           "test_samples_per_rank": ranks.shard_sizes(len(test))})
     return metrics
+
+
+def result(workspace: Workspace) -> dict:
+    """What `run` returned, read back from its record (after a run on several processes)."""
+    return read_json(workspace.out("evaluate") / "metrics.json")
 
 
 if __name__ == "__main__":

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import time
 
-from promptcil.artifacts import ArtifactKind, save_tensors, write_json
+from promptcil.artifacts import ArtifactKind, read_json, save_tensors, write_json
 from promptcil.backbone import WEIGHTS_FILE, load_backbone, weights_fingerprint
 from promptcil.config import DataConfig, Params
 from promptcil.data import ImageSet, fractal_images, load_split, read_image_set, read_task_split, subset
+from promptcil.distributed import samples_per_rank, setup
 from promptcil.entry import stage_main
 from promptcil.pretrain import pretrain_backbone
 from promptcil.runtime import resolve_device
@@ -19,24 +20,28 @@ from promptcil.workspace import Workspace
 
 def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     p = workspace.localise(params)
+    ranks, device = setup(p.train.device)  # torchrun: this rank's place; one process: (rank 0 of 1, the device)
     out = workspace.out("pretrain")
-    info: dict = {"name": p.backbone.name, "source": p.backbone.source}
+    info: dict = {"name": p.backbone.name, "source": p.backbone.source, "world_size": ranks.world}
     if p.backbone.source == "pretrain":
         started = time.perf_counter()
         data = pretraining_data(p, workspace, progress=progress)
         loaded = time.perf_counter()
-        model, losses = pretrain_backbone(p.backbone, data, resolve_device(p.train.device), seed=p.train.seed,
-                                          progress=progress)
+        model, losses = pretrain_backbone(p.backbone, data, device, seed=p.train.seed, progress=progress,
+                                          ranks=ranks)
         info |= {"data": p.backbone.pretrain.data, "train_images": len(data),
                  "classes": int(data.labels.unique().numel()), "epoch_losses": losses,
+                 "samples_per_rank": samples_per_rank(len(data), p.backbone.pretrain.batch_size, ranks.world),
                  "data_seconds": loaded - started, "seconds": time.perf_counter() - loaded}
-        save_tensors(out / WEIGHTS_FILE, model.state_dict(), kind=ArtifactKind.BACKBONE,
-                     metadata={"name": p.backbone.name})
+        if ranks.writer:
+            save_tensors(out / WEIGHTS_FILE, model.state_dict(), kind=ArtifactKind.BACKBONE,
+                         metadata={"name": p.backbone.name})
     else:
         model = load_backbone(p.backbone, seed=p.train.seed)
         info["file"] = str(params.backbone.file) if params.backbone.file else None
     info["weights_sha256"] = weights_fingerprint(model)
-    write_json(out / "backbone.json", info)
+    if ranks.writer:
+        write_json(out / "backbone.json", info)
     return info
 
 
@@ -51,6 +56,11 @@ def pretraining_data(p: Params, workspace: Workspace, *, progress: bool = False)
         return fractal_images(p.backbone.pretrain.fractal, p.backbone.img_size, resolve_device(p.train.device),
                               progress=progress)
     return load_split(DataConfig(source=upstream, root=p.backbone.pretrain.root), "train", p.backbone.img_size)
+
+
+def result(workspace: Workspace) -> dict:
+    """What `run` returned, read back from its record (after a run on several processes)."""
+    return read_json(workspace.out("pretrain") / "backbone.json")
 
 
 if __name__ == "__main__":

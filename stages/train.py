@@ -9,10 +9,10 @@ from promptcil.artifacts import read_json, write_json
 from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
 from promptcil.data.prepared import TASKS_FILE
+from promptcil.distributed import samples_per_rank, setup
 from promptcil.entry import stage_main
 from promptcil.model import build_model
 from promptcil.provenance import artifact_sha256, file_sha256, producer_record
-from promptcil.runtime import resolve_device
 from promptcil.training import IncrementalTrainer
 from promptcil.workspace import Workspace
 
@@ -21,6 +21,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True,
         on_epoch_end: Callable[[int, int], None] | None = None) -> dict:
     """Train every task; `on_epoch_end(task, epoch)` runs after each committed checkpoint (studies use it)."""
     p = workspace.localise(params)
+    ranks, device = setup(p.train.device)  # torchrun: each rank its shard of every batch, rank 0 writes
     prepared, prompt_init, out = workspace.of("prepare"), workspace.of("prompt_init"), workspace.out("train")
     split = read_task_split(prepared)
     model = build_model(p, workspace.of("pretrain"), prompt_init=prompt_init / "prompt.safetensors")
@@ -31,17 +32,24 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True,
          "backbone": read_json(workspace.of("pretrain") / "backbone.json")["weights_sha256"],
          "prompt_init": artifact_sha256(prompt_init / "prompt.safetensors")},
     )
-    trainer = IncrementalTrainer(model, split, p.train, out, resolve_device(p.train.device), progress=progress,
-                                 on_epoch_end=on_epoch_end, producer=producer)
+    trainer = IncrementalTrainer(model, split, p.train, out, device, progress=progress, on_epoch_end=on_epoch_end,
+                                 producer=producer, ranks=ranks)
     logs = trainer.run(read_image_set(prepared, "train"))
     summary = {
         "tasks": split.num_tasks,
         "device": str(trainer.device),
-        "log": [{"task": g.task, "samples": g.samples, "epoch_losses": g.epoch_losses, "seconds": g.seconds}
-                for g in logs],
+        "world_size": ranks.world,
+        "log": [{"task": g.task, "samples": g.samples, "epoch_losses": g.epoch_losses, "seconds": g.seconds,
+                 "samples_per_rank": samples_per_rank(g.samples, p.train.batch_size, ranks.world)} for g in logs],
     }
-    write_json(out / "train_log.json", summary)
+    if ranks.writer:
+        write_json(out / "train_log.json", summary)
     return summary
+
+
+def result(workspace: Workspace) -> dict:
+    """What `run` returned, read back from its record (after a run on several processes)."""
+    return read_json(workspace.out("train") / "train_log.json")
 
 
 if __name__ == "__main__":

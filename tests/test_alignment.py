@@ -21,7 +21,7 @@ def test_gaussians_hold_class_means_and_the_top_of_each_covariance():
     gaussians = ClassGaussians(dim, rank).double()
     features, labels = torch.cat(samples), torch.tensor([0] * 400 + [1] * 400)
     for chunk in torch.arange(800).split(150):  # several batches, as the trainer shows them
-        gaussians.observe(features[chunk], labels[chunk])
+        gaussians.observe(features[chunk], labels[chunk], 2)
     gaussians.end_task(2)
     for c, x in enumerate(samples):
         torch.testing.assert_close(gaussians.means[c], x.mean(0))
@@ -42,14 +42,14 @@ def test_gaussians_hold_class_means_and_the_top_of_each_covariance():
 
 def test_a_class_needs_two_samples_and_only_the_current_task_is_observed():
     gaussians = ClassGaussians(4, 2)
-    gaussians.observe(torch.randn(3, 4), torch.tensor([0, 0, 1]))
+    gaussians.observe(torch.randn(3, 4), torch.tensor([0, 0, 1]), 2)
     with pytest.raises(ValueError, match="at least 2 training samples"):
         gaussians.end_task(2)
     gaussians = ClassGaussians(4, 2)
-    gaussians.observe(torch.randn(4, 4), torch.tensor([0, 0, 1, 1]))
+    gaussians.observe(torch.randn(4, 4), torch.tensor([0, 0, 1, 1]), 2)
     gaussians.end_task(2)
-    with pytest.raises(ValueError, match="earlier task's class"):
-        gaussians.observe(torch.randn(2, 4), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="outside the current task"):
+        gaussians.observe(torch.randn(2, 4), torch.tensor([1, 2]), 2)
 
 
 def test_the_state_is_per_class_statistics_of_fixed_size():
@@ -59,7 +59,7 @@ def test_the_state_is_per_class_statistics_of_fixed_size():
     sizes = []
     for images in (20, 200):
         gaussians = ClassGaussians(dim, rank)
-        gaussians.observe(torch.randn(images * 3, dim), torch.arange(3).repeat_interleave(images))
+        gaussians.observe(torch.randn(images * 3, dim), torch.arange(3).repeat_interleave(images), 3)
         gaussians.end_task(3)
         sizes.append(sum(t.numel() * t.element_size() for t in gaussians.state_dict().values()))
     assert sizes[0] == sizes[1] == 3 * ((rank + 1) * dim + 1) * 4

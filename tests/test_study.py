@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -37,7 +38,6 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     prefect_harness, pipeline_project, tmp_path, monkeypatch
 ):
     from mlflow import MlflowClient
-    from prefect.task_runners import ProcessPoolTaskRunner
 
     params_dir = tmp_path / "protocol"
     params_dir.mkdir()
@@ -48,10 +48,10 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     work, out = tmp_path / "work", tmp_path / "results"
 
-    # One worker process: it gets this machine's CPU threads, as the plain run had, so the comparison below can
-    # be bit for bit (float reductions, e.g. in the aligned head's training, are summed in another order on
-    # another number of threads). Two workers at once: test_a_failing_run_is_reported_by_name...
-    study = load_flow("study").study.with_options(task_runner=ProcessPoolTaskRunner(max_workers=1))
+    # A LocalCluster of one worker process: it gets this machine's CPU threads, as the plain run had, so the
+    # comparison below can be bit for bit (float reductions, e.g. in the aligned head's training, are summed
+    # in another order on another number of threads). Two workers: test_two_dask_workers_...
+    study = load_flow("study").study
     result = study(str(spec), workers=1, work=str(work), out=str(out))
 
     rows = {row["variant"]: row for row in result["rows"]}
@@ -120,6 +120,56 @@ def test_study_flow_runs_the_grid_in_workers_and_tracks_every_run(
     assert yaml.safe_load((simple_result.parent / "params.yaml").read_text())["train"]["epochs"] == 2
 
 
+def numbers(row: dict) -> dict:
+    """A study row's results (not its timings)."""
+    return {k: v for k, v in row.items() if "seconds" not in k}
+
+
+def test_two_dask_workers_give_the_one_worker_table_though_a_worker_dies(prefect_harness, tmp_path, monkeypatch):
+    """The grid on a 2-worker LocalCluster, one worker killed (SIGKILL) while it trains: Dask reschedules the
+    run it held, which resumes from its checkpoints; the table is the 1-worker table, bit for bit (the same
+    torch threads per run), and the finished runs are not run again."""
+    import threading
+
+    import psutil
+
+    params_dir = tmp_path / "protocol"
+    params_dir.mkdir()
+    write_params(params_dir, train={"epochs": 3})
+    spec = tmp_path / "tiny.yaml"
+    write_spec(spec, params_dir / "params.yaml", {"APT": {}, "VPT": {"method": {"name": "vpt"}}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    study = load_flow("study").study
+    one = study(str(spec), workers=1, threads=1, work=str(tmp_path / "one"), out=str(tmp_path / "out1"))
+
+    killed: list[int] = []
+
+    def kill_a_worker_once_training_checkpointed() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not killed:
+            if any((tmp_path / "two").rglob("ckpt-*.safetensors")):
+                workers = [p for p in psutil.Process().children(recursive=True)
+                           if "spawn_main" in " ".join(p.cmdline()) and p.is_running()]
+                if workers:
+                    workers[0].kill()
+                    killed.append(workers[0].pid)
+                    return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=kill_a_worker_once_training_checkpointed, daemon=True)
+    watcher.start()
+    two = study(str(spec), workers=2, threads=1, work=str(tmp_path / "two"), out=str(tmp_path / "out2"))
+    watcher.join()
+    assert killed, "no worker was running a run to kill"
+    assert [numbers(r) for r in two["rows"]] == [numbers(r) for r in one["rows"]]
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("result.json")}
+    assert len(stamps) == 2
+    again = study(str(spec), workers=2, threads=1, work=str(tmp_path / "two"), out=str(tmp_path / "out2"))
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "two").rglob("result.json")} == stamps
+    assert [numbers(r) for r in again["rows"]] == [numbers(r) for r in two["rows"]]
+
+
 def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_path):
     params_dir = tmp_path / "protocol"
     params_dir.mkdir()
@@ -156,7 +206,6 @@ def test_a_failing_run_is_reported_by_name_and_the_others_are_kept(prefect_harne
     the protocol's token sample holds) fails the flow at the end, naming the run; the other runs finish,
     are written to the results and tracked; the study's MLflow run is marked FAILED."""
     from mlflow import MlflowClient
-    from prefect.task_runners import ProcessPoolTaskRunner
 
     params_dir = tmp_path / "protocol"
     params_dir.mkdir()
@@ -168,7 +217,7 @@ def test_a_failing_run_is_reported_by_name_and_the_others_are_kept(prefect_harne
     })
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    study = load_flow("study").study.with_options(task_runner=ProcessPoolTaskRunner(max_workers=2))  # two processes
+    study = load_flow("study").study  # two Dask worker processes
     state = study(str(spec), workers=2, work=str(tmp_path / "work"), out=str(tmp_path / "out"), return_state=True)
     assert state.is_failed()
     message = str(state.message) + repr(state.result(raise_on_failure=False))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,4 +31,18 @@ def stage_main(run: Callable[..., Any], doc: str | None, argv: list[str] | None 
         workspace = Workspace(Path(args.root))
         params = load_params(args.params or workspace.params_file)
         progress = not args.no_progress and os.environ.get("PROMPTCIL_PROGRESS", "1") != "0"
+        stage = sys.modules[run.__module__].__spec__.name.rsplit(".", 1)[-1]
+        if needs_launch(stage, params.train.nproc):  # train.nproc > 1: this command starts torchrun itself
+            from promptcil.distributed import launch
+
+            launch(stage, workspace.root, Path(args.params).resolve() if args.params else None, params.train.nproc)
+            return
         run(params, workspace, progress=progress)
+
+
+def needs_launch(stage: str, nproc: int) -> bool:
+    """Whether a stage must start its processes itself: several asked for, and not already under torchrun."""
+    from promptcil.distributed import DISTRIBUTED_STAGES, LAUNCHED
+
+    return stage in DISTRIBUTED_STAGES and nproc > 1 and LAUNCHED not in os.environ \
+        and "TORCHELASTIC_RUN_ID" not in os.environ

@@ -18,15 +18,22 @@ from timm.models.vision_transformer import VisionTransformer
 from promptcil.backbone import create_vit, freeze
 from promptcil.config.sections import BackboneConfig
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
+from promptcil.distributed import SINGLE, Ranks, all_reduce_gradients, all_reduce_sum_
 from promptcil.runtime import autocast_for
 
 
-def random_shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+def shift_offsets(max_shift: int, generator: torch.Generator) -> tuple[int, int]:
+    """A batch's (dx, dy), drawn for every batch on every rank (an empty shard too), so the ranks stay in step."""
+    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+    return dx, dy
+
+
+def random_shift(images: torch.Tensor, max_shift: int, offsets: tuple[int, int]) -> torch.Tensor:
     """Pad-and-crop augmentation on the device: the cheapest augmentation that helps tiny data."""
     if max_shift == 0:
         return images
     padded = F.pad(images, [max_shift] * 4, mode="replicate")
-    dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
+    dx, dy = offsets
     h, w = images.shape[-2:]
     return padded[..., dy : dy + h, dx : dx + w]
 
@@ -38,8 +45,11 @@ def pretrain_backbone(
     *,
     seed: int = 0,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> tuple[VisionTransformer, list[float]]:
-    """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, plus per-epoch losses."""
+    """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, plus per-epoch losses. With `ranks`
+    (torchrun), each rank trains on its shard of every batch, its loss weighted by its share, and the
+    gradients are summed: the one-process step up to the order of float additions."""
     num_classes = int(data.labels.max()) + 1
     torch.manual_seed(seed)
     model = create_vit(cfg, num_classes=num_classes).to(device)
@@ -52,21 +62,27 @@ def pretrain_backbone(
     max_shift = max(1, cfg.img_size // 16)
     losses: list[float] = []
     with Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress, transient=True) as bar:
+                  disable=not (progress and ranks.writer), transient=True) as bar:
         bar_id = bar.add_task("pretrain", total=steps)
         for epoch in range(p.epochs):
             model.train()
             total = torch.zeros((), device=device)
-            for images, labels in device_batches(data, p.batch_size, device, shuffle=True, seed=seed * 7919 + epoch):
-                images = random_shift(preprocess(images), max_shift, generator)
-                with autocast_for(device):
-                    loss = F.cross_entropy(model(images).float(), labels, label_smoothing=p.label_smoothing)
+            batches = device_batches(data, p.batch_size, device, shuffle=True, seed=seed * 7919 + epoch, ranks=ranks)
+            for step, (images, labels) in enumerate(batches):
+                offsets = shift_offsets(max_shift, generator)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                if len(labels):
+                    images = random_shift(preprocess(images), max_shift, offsets)
+                    with autocast_for(device):
+                        loss = F.cross_entropy(model(images).float(), labels, label_smoothing=p.label_smoothing)
+                    share = len(labels) / min(p.batch_size, len(data) - step * p.batch_size)
+                    (loss * share if ranks.distributed else loss).backward()
+                    total += loss.detach() * len(labels)
+                all_reduce_gradients(list(model.parameters()), ranks, device)
                 optimizer.step()
                 scheduler.step()
-                total += loss.detach() * len(labels)
                 bar.advance(bar_id)
+            all_reduce_sum_([total], ranks)
             losses.append(float(total) / len(data))
     model.reset_classifier(0)
     return freeze(model.cpu()), losses

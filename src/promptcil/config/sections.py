@@ -108,6 +108,10 @@ class TrainConfig(Section):
         "cosine", description="Learning rate over a task's epochs: cosine to 0, or constant.")
     seed: int = Field(0, description="Seeds the prompt's init, the shuffles and the head's draws (per task and epoch).")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N.")
+    nproc: int = Field(
+        1, ge=1,
+        description="Processes the pretrain, features, train and evaluate stages run on (torchrun: one per GPU, "
+        "gloo on a CPU; rank 0 writes). 1: one process, no torch.distributed.")
     compile: bool = Field(
         False,
         description="torch.compile the prompted forward (method.compile()). Measured on an H100 (ViT-B/16, bf16): "

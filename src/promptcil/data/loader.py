@@ -15,10 +15,12 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from promptcil.data.sources import ImageSet
+from promptcil.distributed import Ranks
 
 
 def make_loader(
-    imageset: ImageSet, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False
+    imageset: ImageSet, batch_size: int, *, shuffle: bool, seed: int, pin_memory: bool = False,
+    ranks: Ranks | None = None,
 ) -> DataLoader:
     """Yield `(uint8 images, int64 labels)` batches.
 
@@ -28,7 +30,8 @@ def make_loader(
     from a generator seeded with `seed`: the n-th pass over a loader is a pure
     function of (`seed`, n), so a trainer that derives `seed` from (run seed, task,
     epoch) resumes bit-identically at an epoch boundary. Data is in memory, so no
-    workers.
+    workers. With `ranks` (several processes, promptcil.distributed), each yields its
+    contiguous shard of every global batch of that same order.
     """
     dataset = _BatchGather(imageset.images, imageset.labels, pin_memory)
     order = (
@@ -36,12 +39,10 @@ def make_loader(
         if shuffle
         else SequentialSampler(dataset)
     )
-    return DataLoader(
-        dataset,
-        sampler=BatchSampler(order, batch_size=batch_size, drop_last=False),
-        batch_size=None,
-        num_workers=0,
-    )
+    batches = BatchSampler(order, batch_size=batch_size, drop_last=False)
+    if ranks is not None and ranks.distributed:
+        batches = [batch[ranks.shard(len(batch))] for batch in batches]
+    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=0)
 
 
 def to_device_ahead(
@@ -78,11 +79,14 @@ def to_device_ahead(
 
 
 def device_batches(
-    imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False, seed: int = 0
+    imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False, seed: int = 0,
+    ranks: Ranks | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`make_loader`'s batches on `device`, the way every loop that feeds a model gets them: gathered into
-    pinned memory when `device` is a GPU, each copied there ahead of its use (`to_device_ahead`)."""
-    loader = make_loader(imageset, batch_size, shuffle=shuffle, seed=seed, pin_memory=device.type == "cuda")
+    pinned memory when `device` is a GPU, each copied there ahead of its use (`to_device_ahead`); with
+    `ranks`, this rank's shard of each."""
+    loader = make_loader(imageset, batch_size, shuffle=shuffle, seed=seed, pin_memory=device.type == "cuda",
+                         ranks=ranks)
     yield from to_device_ahead(loader, device)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from promptcil.data import ImageSet, TaskSplit, device_batches, subset
+from promptcil.distributed import gather_rows, shard_of
 from promptcil.model import IncrementalModel
 from promptcil.runtime import autocast_for
 from promptcil.training import load_task_state
@@ -14,13 +15,16 @@ from promptcil.training import load_task_state
 
 @torch.no_grad()
 def predict(model: IncrementalModel, data: ImageSet, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Predicted incremental labels for every image (CPU tensor), in data order."""
+    """Predicted incremental labels for every image (CPU tensor), in data order (under torchrun each rank
+    predicts its shard and every rank gets all of them)."""
     model.eval().to(device)
+    local, ranks = shard_of(data)
     preds = []
-    for images, _ in device_batches(data, batch_size, device):
+    for images, _ in device_batches(local, batch_size, device):
         with autocast_for(device):
             preds.append(model.predict(images))
-    return torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
+    mine = torch.cat(preds).cpu() if preds else torch.empty(0, dtype=torch.int64)
+    return gather_rows(mine, len(data), ranks, device).cpu()
 
 
 def accuracy_row(
@@ -62,11 +66,16 @@ def accuracy_matrix(
 @torch.no_grad()
 def features_of(model: IncrementalModel, data: ImageSet, batch_size: int, device: torch.device) -> torch.Tensor:
     """The model's features of every image, (members, N, D) float32 on the CPU, in data order (members:
-    a prompt ensemble's K, else 1), as inference computes them."""
+    a prompt ensemble's K, else 1), as inference computes them (under torchrun: each rank its shard,
+    every rank all of them)."""
     model.eval().to(device)
+    local, ranks = shard_of(data)
     chunks = []
-    for images, _ in device_batches(data, batch_size, device):
+    for images, _ in device_batches(local, batch_size, device):
         with autocast_for(device):
             features = model.features(images)
         chunks.append(features.float().view(-1, len(images), features.shape[-1]).cpu())  # member-major rows
-    return torch.cat(chunks, dim=1)
+    mine = torch.cat(chunks, dim=1)
+    if not ranks.distributed:
+        return mine
+    return gather_rows(mine.transpose(0, 1).contiguous(), len(data), ranks, device).cpu().transpose(0, 1)

@@ -65,23 +65,26 @@ class ClassGaussians(nn.Module):
     def num_classes(self) -> int:
         return self.means.shape[0]
 
-    def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """Accumulate the current task's features; labels at or past `num_classes` are its classes."""
+    def partial_sums(self, new_classes: int) -> list[torch.Tensor]:
+        """The current task's count, sum and sum of outer products per class (float64), allocated for its
+        `new_classes` classes: what `observe` adds to and several processes sum across ranks."""
+        if self._sum is None:
+            like = {"dtype": torch.float64, "device": self.means.device}
+            self._count = torch.zeros(new_classes, **like)
+            self._sum = torch.zeros(new_classes, self.dim, **like)
+            self._outer = torch.zeros(new_classes, self.dim, self.dim, **like)
+        return [self._count, self._sum, self._outer]
+
+    def observe(self, features: torch.Tensor, labels: torch.Tensor, new_classes: int) -> None:
+        """Accumulate the current task's features; labels at or past `num_classes` are its `new_classes`."""
         local = labels - self.num_classes
-        if (local < 0).any():
-            raise ValueError("class statistics: features of an earlier task's class; only the current task is observed")
-        classes = int(local.max()) + 1
-        x = features.detach().double()
-        if self._sum is None or self._sum.shape[0] < classes:
-            grow = classes - (0 if self._sum is None else self._sum.shape[0])
-            zeros = x.new_zeros
-            self._count = torch.cat([x.new_zeros(0) if self._count is None else self._count, zeros(grow)])
-            self._sum = torch.cat([x.new_zeros(0, self.dim) if self._sum is None else self._sum, zeros(grow, self.dim)])
-            outer = x.new_zeros(0, self.dim, self.dim) if self._outer is None else self._outer
-            self._outer = torch.cat([outer, zeros(grow, self.dim, self.dim)])
-        self._count.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
-        self._sum.index_add_(0, local, x)
-        self._outer.index_add_(0, local, x[:, :, None] * x[:, None, :])
+        if (local < 0).any() or (local >= new_classes).any():
+            raise ValueError("class statistics: features of a class outside the current task")
+        count, total, outer = self.partial_sums(new_classes)
+        x = features.detach().to(total)
+        count.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
+        total.index_add_(0, local, x)
+        outer.index_add_(0, local, x[:, :, None] * x[:, None, :])
 
     def end_task(self, new_classes: int) -> None:
         """Compress the task's sums into its classes' means and covariance factors."""
@@ -92,6 +95,10 @@ class ClassGaussians(nn.Module):
         covariance = (self._outer[:new_classes] - count[:, :, None] * mean[:, :, None] * mean[:, None, :]) / (
             count[:, :, None] - 1)
         eigenvalues, vectors = torch.linalg.eigh(covariance)  # ascending
+        # an eigenvector's sign is arbitrary, and float rounding (another BLAS, sums in another order across
+        # ranks) can flip it, which flips every feature drawn from it: fix it (largest component positive)
+        largest = vectors.abs().argmax(dim=1, keepdim=True)
+        vectors = vectors * vectors.gather(1, largest).sign()
         eigenvalues = eigenvalues.clamp_min(0)
         top = eigenvalues[:, self.dim - self.rank:]
         factors = vectors[:, :, self.dim - self.rank:] * top.sqrt()[:, None, :]

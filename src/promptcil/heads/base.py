@@ -71,6 +71,11 @@ class Head(nn.Module):
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         """See features of the current task's data (prototype heads build class means); heads with `observes`."""
 
+    def partial_sums(self) -> list[torch.Tensor]:
+        """The running sums `observe` adds this task's features to (allocated, in a fixed order): several
+        processes (promptcil.distributed) sum them across ranks before `end_task`. Default: none."""
+        return []
+
     def end_task(self) -> None:
         """Called after `observe` has seen all of the task's data."""
 

@@ -146,14 +146,23 @@ class CatHead(Head):
     def param_groups(self) -> list[dict[str, Any]]:
         return [{"params": [p for p in self.parameters() if p.requires_grad], "lr_scale": self.lr_scale}]
 
-    def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+    def partial_sums(self) -> list[torch.Tensor]:
+        """The pass's per-class sums and counts, and after training the class statistics' sums."""
         if self._sums is None or self._counts is None:
-            self._sums = torch.zeros(self.num_classes, self.embed_dim, dtype=torch.float64, device=features.device)
-            self._counts = torch.zeros(self.num_classes, dtype=torch.float64, device=features.device)
+            like = {"dtype": torch.float64, "device": self.class_means.device}
+            self._sums = torch.zeros(self.num_classes, self.embed_dim, **like)
+            self._counts = torch.zeros(self.num_classes, **like)
+        sums = [self._sums, self._counts]
+        if self.gaussians is not None and not self.training:  # the pass after training: inference's features
+            sums += self.gaussians.partial_sums(self.num_classes - self.gaussians.num_classes)
+        return sums
+
+    def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.partial_sums()
         self._sums.index_add_(0, labels, features.double())
         self._counts.index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
-        if self.gaussians is not None and not self.training:  # the pass after training: inference's features
-            self.gaussians.observe(features, labels)
+        if self.gaussians is not None and not self.training:
+            self.gaussians.observe(features, labels, self.num_classes - self.gaussians.num_classes)
 
     def end_task(self) -> None:
         """The observed classes' prototypes become the means just seen; other classes keep theirs. After

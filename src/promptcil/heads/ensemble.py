@@ -48,6 +48,9 @@ class EnsembleHead(Head):
         for head, chunk in zip(self.heads, features.chunk(len(self.heads))):
             head.observe(chunk, labels)
 
+    def partial_sums(self) -> list[torch.Tensor]:
+        return [tensor for head in self.heads for tensor in head.partial_sums()]
+
     def end_task(self) -> None:
         for head in self.heads:
             head.end_task()

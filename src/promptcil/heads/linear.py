@@ -51,9 +51,14 @@ class LinearHead(Head):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.norm(features) @ F.normalize(self.weight, dim=1).T.to(features.dtype)
 
+    def partial_sums(self) -> list[torch.Tensor]:
+        if self.gaussians is None:
+            return []
+        return self.gaussians.partial_sums(self.num_classes - self.gaussians.num_classes)
+
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         if self.gaussians is not None:
-            self.gaussians.observe(features, labels)
+            self.gaussians.observe(features, labels, self.num_classes - self.gaussians.num_classes)
 
     def end_task(self) -> None:
         if self.gaussians is not None and self.align is not None:

@@ -38,6 +38,10 @@ class PrototypeHead(Head):
         self._sums.index_add_(0, local, features.double())
         self._counts.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
 
+    def partial_sums(self) -> list[torch.Tensor]:
+        assert self._sums is not None and self._counts is not None, "add_classes first"
+        return [self._sums, self._counts]
+
     def end_task(self) -> None:
         assert self._sums is not None and self._counts is not None, "add_classes first"
         if (self._counts == 0).any():

@@ -108,6 +108,7 @@ class RidgeHead(Head):
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(projection_dim, 0))
         self.register_buffer("ridge", torch.tensor(float("nan") if ridge is None else ridge, dtype=torch.float64))
+        self._task_sums: list[torch.Tensor] | None = None  # this task's Gram matrix, targets, count
 
     @classmethod
     def from_config(cls, cfg: Any, embed_dim: int) -> "RidgeHead":
@@ -126,14 +127,27 @@ class RidgeHead(Head):
     def add_classes(self, count: int) -> None:
         extra = torch.zeros(self.targets.shape[0], count, dtype=torch.float64, device=self.targets.device)
         self.targets = torch.cat([self.targets, extra], dim=1)
+        self._task_sums = None
+
+    def partial_sums(self) -> list[torch.Tensor]:
+        """This task's Gram matrix, targets and count (added to the running sums when the task ends)."""
+        if self._task_sums is None:
+            like = {"dtype": torch.float64, "device": self.gram.device}
+            self._task_sums = [torch.zeros_like(self.gram), torch.zeros_like(self.targets), torch.zeros((), **like)]
+        return self._task_sums
 
     def observe(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        gram, targets, count = self.partial_sums()
         phi = self.expand(features).double()
-        self.gram += phi.T @ phi
-        self.targets += phi.T @ F.one_hot(labels, self.num_classes).double()
-        self.count += len(labels)
+        gram += phi.T @ phi
+        targets += phi.T @ F.one_hot(labels, self.num_classes).double()
+        count += len(labels)
 
     def end_task(self) -> None:
+        if self._task_sums is not None:
+            for total, part in zip((self.gram, self.targets, self.count), self._task_sums):
+                total += part
+            self._task_sums = None
         if self.fixed_ridge is None:
             ridge, weight = gcv_ridge(self.gram, self.targets, int(self.count))
             self.ridge.fill_(ridge)

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from promptcil.config.sections import TrainConfig
 from promptcil.data import ImageSet, TaskSplit, device_batches, subset
+from promptcil.distributed import SINGLE, Ranks, all_reduce_sum_, broadcast_flag
 from promptcil.heads import Head
 from promptcil.model import IncrementalModel
 from promptcil.provenance import producer_record
@@ -56,6 +57,7 @@ class IncrementalTrainer:
         progress: bool = True,
         on_epoch_end: Callable[[int, int], None] | None = None,
         producer: dict[str, Any] | None = None,
+        ranks: Ranks = SINGLE,
     ) -> None:
         """
         Args:
@@ -64,6 +66,8 @@ class IncrementalTrainer:
             producer: what the run depends on (`provenance.producer_record`: params and input sha256s);
                 only a folder written by the same producer is resumed. Default: the train config and the
                 method's and head's names (callers that have input artifacts name them).
+            ranks: several processes (promptcil.distributed): each trains on its shard of every batch, the
+                gradients and the heads' sums are summed across ranks, and only rank 0 writes.
         """
         self.model = model
         self.split = split
@@ -71,6 +75,7 @@ class IncrementalTrainer:
         self.device = device or resolve_device(cfg.device)
         self.progress = progress
         self.on_epoch_end = on_epoch_end
+        self.ranks = ranks
         self.store = CheckpointStore(out_dir, producer or producer_record(
             {"train": cfg.model_dump(mode="json"), "method": model.method.method_name,
              "head": model.head.head_name}, {}))
@@ -86,13 +91,14 @@ class IncrementalTrainer:
     def task_loader(self, data: ImageSet, task: int, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One epoch of the task's batches on the device, in an order fixed by (seed, task, epoch)."""
         return device_batches(data, self.cfg.batch_size, self.device, shuffle=True,
-                              seed=shuffle_seed(self.cfg.seed, task, epoch))
+                              seed=shuffle_seed(self.cfg.seed, task, epoch), ranks=self.ranks)
 
     # ---- main loop ---------------------------------------------------------
     def run(self, train_set: ImageSet, tasks: list[int] | None = None, *, resume: bool = True) -> list[TaskLog]:
         """Train `tasks` (default: all) in order; train_set carries incremental labels."""
         tasks = list(range(self.split.num_tasks)) if tasks is None else tasks
-        ours = self.store.claim()  # another producer's folder is emptied first
+        ours = self.store.claim() if self.ranks.writer else False  # another producer's folder is emptied first
+        ours = broadcast_flag(ours, self.ranks, self.device)  # every rank resumes, or none
         point = self.store.latest() if resume and ours else None
         if point is not None:
             logger.info("resuming from %s: task %d, epoch %d", self.store.checkpoints, point.task, point.epoch)
@@ -150,7 +156,7 @@ class IncrementalTrainer:
             log.epoch_losses.append(self._train_epoch(data, task, epoch, classes[0], optimizer, bar, bar_id, adapter))
             if epoch + 1 == self.cfg.epochs:
                 self._end_task(data, task, log, trained=True, started=started)
-            else:
+            elif self.ranks.writer:
                 self.store.save_checkpoint(
                     task, epoch + 1, task_done=False, model_state=self.model.trainable_state(), optimizer=optimizer,
                     losses=log.epoch_losses, adapter_state=None if adapter is None else adapter.state_dict())
@@ -166,10 +172,16 @@ class IncrementalTrainer:
         set_epoch_lr(optimizer, self.cfg, epoch)
         total = torch.zeros((), device=self.device)
         count = 0
-        for images, labels in self.task_loader(data, task, epoch):
-            total += train_step(self.model, head, images, labels, first_class, optimizer, self.device) * len(labels)
+        for step, (images, labels) in enumerate(self.task_loader(data, task, epoch)):
+            batch = min(self.cfg.batch_size, len(data) - step * self.cfg.batch_size)  # the global batch's size
+            total += train_step(self.model, head, images, labels, first_class, optimizer, self.device,
+                                share=len(labels) / batch, ranks=self.ranks) * len(labels)
             count += len(labels)
             bar.advance(bar_id)
+        if self.ranks.distributed:  # the epoch's mean loss over every rank's rows
+            sums = torch.stack([total, torch.tensor(float(count), device=self.device)])
+            all_reduce_sum_([sums], self.ranks)
+            total, count = sums[0], int(sums[1].item())
         return float(total) / max(count, 1)  # one host sync per epoch
 
     def _end_task(self, data: ImageSet, task: int, log: TaskLog, *, trained: bool, started: float) -> None:
@@ -185,6 +197,8 @@ class IncrementalTrainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         log.seconds = time.perf_counter() - started
+        if not self.ranks.writer:
+            return
         self.store.save_task_state(task, self.model.trainable_state(), metadata={
             "task": task,
             "classes_seen": self.model.head.num_classes,
@@ -202,12 +216,14 @@ class IncrementalTrainer:
         """Pass the task's data through the model into the head's `observe`, then `end_task`: in training
         mode the features the steps will see (APT's current prompt), else the ones inference sees."""
         self.model.train(training)
-        for images, labels in device_batches(data, 256, self.device):
-            with autocast_for(self.device):
-                features = self.model.features(images)
-            self.model.head.observe(features.float(), labels)
+        for images, labels in device_batches(data, 256, self.device, ranks=self.ranks):
+            if len(labels):
+                with autocast_for(self.device):
+                    features = self.model.features(images)
+                self.model.head.observe(features.float(), labels)
+        all_reduce_sum_(self.model.head.partial_sums(), self.ranks)  # every rank's rows in every rank's sums
         self.model.head.end_task()
 
     def _progress_bar(self) -> Progress:
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        disable=not self.progress, transient=True)
+                        disable=not (self.progress and self.ranks.writer), transient=True)

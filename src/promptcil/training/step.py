@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from promptcil.config.sections import TrainConfig
+from promptcil.distributed import SINGLE, Ranks, all_reduce_gradients
 from promptcil.runtime import autocast_for
 
 
@@ -37,17 +38,25 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int)
 
 
 def train_step(model: Any, head: Any, images: torch.Tensor, labels: torch.Tensor, first_class: int,
-               optimizer: torch.optim.Optimizer, device: torch.device) -> torch.Tensor:
+               optimizer: torch.optim.Optimizer, device: torch.device, *, share: float = 1.0,
+               ranks: Ranks = SINGLE) -> torch.Tensor:
     """One step on a batch of the task whose first class is `first_class`, through `head` (the model's head
     or the first-session adapter). Returns the batch's mean loss as a device tensor: no host sync, so the
-    loop queues the next batch while the GPU works (bench/speed.py times exactly this step)."""
+    loop queues the next batch while the GPU works (bench/speed.py times exactly this step).
+
+    Several processes (`ranks`): this rank's rows are `share` of the global batch; its loss is weighted by
+    it and the gradients summed across ranks, which gives the one-process step's gradient."""
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
-    with autocast_for(device):
-        loss = head.loss(model.features(images), labels, first_class)
-        if model.method.aux_loss is not None:
-            loss = loss + model.method.aux_loss
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    if len(labels):
+        with autocast_for(device):
+            loss = head.loss(model.features(images), labels, first_class)
+            if model.method.aux_loss is not None:
+                loss = loss + model.method.aux_loss
+        (loss * share if ranks.distributed else loss).backward()
+    else:  # a rank whose shard of a short last batch is empty still joins the gradient sum
+        loss = torch.zeros((), device=device)
+    all_reduce_gradients([p for group in optimizer.param_groups for p in group["params"]], ranks, device)
     optimizer.step()
     return loss.detach()
