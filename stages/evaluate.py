@@ -10,7 +10,7 @@ import time
 from promptcil.artifacts import read_json, write_json
 from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
-from promptcil.distributed import setup
+from promptcil.distributed import barrier, setup
 from promptcil.entry import stage_main
 from promptcil.evaluation import (
     accuracy_matrix,
@@ -34,6 +34,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     model = build_model(p, workspace.of("pretrain"), device=device)  # every task state holds the whole prompt
     states = [task_state_path(workspace.of("train"), t) for t in range(split.num_tasks)]
     test, train = read_image_set(prepared, "test"), read_image_set(prepared, "train")
+    barrier(ranks)  # every rank has loaded: the time below is the work, not the ranks' start-up skew
     started = time.perf_counter()
     matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
     metrics = summarize(matrix, counts)

@@ -10,7 +10,7 @@ from promptcil.artifacts import ArtifactKind, read_json, save_tensors, write_jso
 from promptcil.backbone import load_recorded_backbone
 from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
-from promptcil.distributed import setup
+from promptcil.distributed import barrier, setup
 from promptcil.entry import stage_main
 from promptcil.features import backbone_statistics, block_token_sample, sample_images
 from promptcil.workspace import Workspace
@@ -21,6 +21,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     ranks, device = setup(p.train.device)  # torchrun: each rank its shard of the images, rank 0 writes
     backbone = load_recorded_backbone(p.backbone, workspace.of("pretrain"), seed=p.train.seed)
     train = read_image_set(workspace.of("prepare"), "train")
+    barrier(ranks)  # every rank has loaded: the time below is the pass, not the ranks' start-up skew
     started = time.perf_counter()
     stats = backbone_statistics(backbone, train, p.eval.batch_size, device)
     seconds = time.perf_counter() - started  # the pass over every training image, gathered on every rank

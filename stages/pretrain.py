@@ -11,7 +11,7 @@ from promptcil.artifacts import ArtifactKind, read_json, save_tensors, write_jso
 from promptcil.backbone import WEIGHTS_FILE, load_backbone, weights_fingerprint
 from promptcil.config import DataConfig, Params
 from promptcil.data import ImageSet, fractal_images, load_split, read_image_set, read_task_split, subset
-from promptcil.distributed import samples_per_rank, setup
+from promptcil.distributed import barrier, samples_per_rank, setup
 from promptcil.entry import stage_main
 from promptcil.pretrain import pretrain_backbone
 from promptcil.runtime import resolve_device
@@ -26,6 +26,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     if p.backbone.source == "pretrain":
         started = time.perf_counter()
         data = pretraining_data(p, workspace, progress=progress)
+        barrier(ranks)  # every rank has its data: the time below is training, not the ranks' start-up skew
         loaded = time.perf_counter()
         model, losses = pretrain_backbone(p.backbone, data, device, seed=p.train.seed, progress=progress,
                                           ranks=ranks)

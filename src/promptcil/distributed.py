@@ -111,15 +111,21 @@ def all_reduce_sum_(tensors: list[torch.Tensor], ranks: Ranks) -> None:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
 
-def all_reduce_gradients(parameters: list[torch.nn.Parameter], ranks: Ranks, device: torch.device) -> None:
+def all_reduce_gradients(parameters: list[torch.nn.Parameter], ranks: Ranks, device: torch.device, *,
+                         every_rank_has_rows: bool = True) -> None:
     """Sum the gradients across ranks (each rank's loss was weighted by its share of the global batch). A
     parameter no rank reached keeps `grad = None`, as in one process (the optimizer skips it: no weight
-    decay, no moment update); one that only some ranks reached gets zeros on the others."""
+    decay, no moment update); one that only some ranks reached gets zeros on the others. When every rank
+    had rows, every rank ran the same graph, so the ranks agree on which gradients exist without asking
+    (asking costs a host sync per step); they ask only when a short last batch left a rank empty."""
     if not ranks.distributed:
         return
-    reached = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int32, device=device)
-    dist.all_reduce(reached, op=dist.ReduceOp.MAX)
-    joined = [p for p, any_rank in zip(parameters, reached.tolist()) if any_rank]
+    if every_rank_has_rows:
+        joined = [p for p in parameters if p.grad is not None]
+    else:
+        reached = torch.tensor([p.grad is not None for p in parameters], dtype=torch.int32, device=device)
+        dist.all_reduce(reached, op=dist.ReduceOp.MAX)
+        joined = [p for p, any_rank in zip(parameters, reached.tolist()) if any_rank]
     for parameter in joined:
         if parameter.grad is None:
             parameter.grad = torch.zeros_like(parameter)
@@ -142,17 +148,26 @@ def broadcast_flag(value: bool, ranks: Ranks, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def gather_rows(local: torch.Tensor, total: int, ranks: Ranks, device: torch.device) -> torch.Tensor:
-    """Every rank's shard (`Ranks.shard` of `total` rows, along dim 0) concatenated in rank order, on every
-    rank and on `local`'s device. Shards differ in size by at most one row: padded for the collective."""
+def gather_rows(local: torch.Tensor, total: int, ranks: Ranks, device: torch.device, *,
+                writer_only: bool = False) -> torch.Tensor:
+    """Every rank's shard (`Ranks.shard` of `total` rows, along dim 0) concatenated in rank order, on
+    `local`'s device: on every rank, or with `writer_only` on rank 0 alone (the others get their own shard
+    back; half the traffic, for what only the writer saves). Shards differ in size by at most one row:
+    padded for the collective."""
     if not ranks.distributed:
         return local
     sizes = [Ranks(r, ranks.world).shard(total) for r in range(ranks.world)]
     longest = max(s.stop - s.start for s in sizes)
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[: len(local)] = local.to(device)
-    pieces = [torch.empty_like(padded) for _ in range(ranks.world)]
-    dist.all_gather(pieces, padded)
+    if writer_only:
+        pieces = [torch.empty_like(padded) for _ in range(ranks.world)] if ranks.writer else None
+        dist.gather(padded, pieces, dst=0)
+        if not ranks.writer:
+            return local
+    else:
+        pieces = [torch.empty_like(padded) for _ in range(ranks.world)]
+        dist.all_gather(pieces, padded)
     return torch.cat([piece[: s.stop - s.start] for piece, s in zip(pieces, sizes)]).to(local.device)
 
 

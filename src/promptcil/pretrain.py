@@ -71,14 +71,14 @@ def pretrain_backbone(
             for step, (images, labels) in enumerate(batches):
                 offsets = shift_offsets(max_shift, generator)
                 optimizer.zero_grad(set_to_none=True)
+                batch = min(p.batch_size, len(data) - step * p.batch_size)  # the global batch's size
                 if len(labels):
                     images = random_shift(preprocess(images), max_shift, offsets)
                     with autocast_for(device):
                         loss = F.cross_entropy(model(images).float(), labels, label_smoothing=p.label_smoothing)
-                    share = len(labels) / min(p.batch_size, len(data) - step * p.batch_size)
-                    (loss * share if ranks.distributed else loss).backward()
+                    (loss * (len(labels) / batch) if ranks.distributed else loss).backward()
                     total += loss.detach() * len(labels)
-                all_reduce_gradients(list(model.parameters()), ranks, device)
+                all_reduce_gradients(list(model.parameters()), ranks, device, every_rank_has_rows=batch >= ranks.world)
                 optimizer.step()
                 scheduler.step()
                 bar.advance(bar_id)

@@ -175,7 +175,8 @@ class IncrementalTrainer:
         for step, (images, labels) in enumerate(self.task_loader(data, task, epoch)):
             batch = min(self.cfg.batch_size, len(data) - step * self.cfg.batch_size)  # the global batch's size
             total += train_step(self.model, head, images, labels, first_class, optimizer, self.device,
-                                share=len(labels) / batch, ranks=self.ranks) * len(labels)
+                                share=len(labels) / batch, ranks=self.ranks,
+                                every_rank_has_rows=batch >= self.ranks.world) * len(labels)
             count += len(labels)
             bar.advance(bar_id)
         if self.ranks.distributed:  # the epoch's mean loss over every rank's rows

@@ -39,13 +39,14 @@ def set_epoch_lr(optimizer: torch.optim.Optimizer, cfg: TrainConfig, epoch: int)
 
 def train_step(model: Any, head: Any, images: torch.Tensor, labels: torch.Tensor, first_class: int,
                optimizer: torch.optim.Optimizer, device: torch.device, *, share: float = 1.0,
-               ranks: Ranks = SINGLE) -> torch.Tensor:
+               ranks: Ranks = SINGLE, every_rank_has_rows: bool = True) -> torch.Tensor:
     """One step on a batch of the task whose first class is `first_class`, through `head` (the model's head
     or the first-session adapter). Returns the batch's mean loss as a device tensor: no host sync, so the
     loop queues the next batch while the GPU works (bench/speed.py times exactly this step).
 
     Several processes (`ranks`): this rank's rows are `share` of the global batch; its loss is weighted by
-    it and the gradients summed across ranks, which gives the one-process step's gradient."""
+    it and the gradients summed across ranks, which gives the one-process step's gradient
+    (`every_rank_has_rows`: no rank's shard of this batch is empty)."""
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     optimizer.zero_grad(set_to_none=True)
@@ -57,6 +58,7 @@ def train_step(model: Any, head: Any, images: torch.Tensor, labels: torch.Tensor
         (loss * share if ranks.distributed else loss).backward()
     else:  # a rank whose shard of a short last batch is empty still joins the gradient sum
         loss = torch.zeros((), device=device)
-    all_reduce_gradients([p for group in optimizer.param_groups for p in group["params"]], ranks, device)
+    all_reduce_gradients([p for group in optimizer.param_groups for p in group["params"]], ranks, device,
+                         every_rank_has_rows=every_rank_has_rows)
     optimizer.step()
     return loss.detach()
