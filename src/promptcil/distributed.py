@@ -4,7 +4,8 @@
 rendezvous) runs a stage on N processes in one workspace and writes exactly what one process writes:
 rank 0 writes, the others compute. Every global batch (the seeded order one process would see) is split
 into contiguous per-rank shards; each rank weights its loss by its share of the batch and the gradients
-are summed across ranks, so the step is the one-process step up to the order of float additions. The
+are summed across ranks (pretraining's backbone through DistributedDataParallel, which overlaps that with
+the backward pass), so the step is the one-process step up to the order of float additions. The
 heads' running sums (ridge Gram matrix, class means, class statistics) are summed across ranks before a
 task ends, and features and predictions are gathered, in data order.
 

@@ -9,16 +9,18 @@ classes are never seen, so what the prompts add on them is measurable.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from timm.models.vision_transformer import VisionTransformer
+from torch.nn.parallel import DistributedDataParallel
 
 from promptcil.backbone import create_vit, freeze
 from promptcil.config.sections import BackboneConfig
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
-from promptcil.distributed import SINGLE, Ranks, all_reduce_gradients, all_reduce_sum_
+from promptcil.distributed import SINGLE, Ranks, all_reduce_sum_
 from promptcil.runtime import autocast_for
 
 
@@ -48,12 +50,18 @@ def pretrain_backbone(
     ranks: Ranks = SINGLE,
 ) -> tuple[VisionTransformer, list[float]]:
     """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, plus per-epoch losses. With `ranks`
-    (torchrun), each rank trains on its shard of every batch, its loss weighted by its share, and the
-    gradients are summed: the one-process step up to the order of float additions."""
+    (torchrun), the model is wrapped in DistributedDataParallel (bucketed all-reduces overlapped with the
+    backward pass) and each rank trains on its shard of every batch: its loss is its rows' summed loss over
+    the global batch's size, times the world size that DDP's average divides by, so the step is the
+    one-process step up to the order of float additions (an empty shard adds zero)."""
     num_classes = int(data.labels.max()) + 1
     torch.manual_seed(seed)
     model = create_vit(cfg, num_classes=num_classes).to(device)
     preprocess = DevicePreprocess.from_model(model).to(device)
+    if ranks.distributed:  # timm's class token gets a strided gradient (a 1 x D view): harmless, DDP warns
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    forward = model if not ranks.distributed else DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
     p = cfg.pretrain
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     steps = p.epochs * math.ceil(len(data) / p.batch_size)
@@ -72,13 +80,12 @@ def pretrain_backbone(
                 offsets = shift_offsets(max_shift, generator)
                 optimizer.zero_grad(set_to_none=True)
                 batch = min(p.batch_size, len(data) - step * p.batch_size)  # the global batch's size
-                if len(labels):
-                    images = random_shift(preprocess(images), max_shift, offsets)
-                    with autocast_for(device):
-                        loss = F.cross_entropy(model(images).float(), labels, label_smoothing=p.label_smoothing)
-                    (loss * (len(labels) / batch) if ranks.distributed else loss).backward()
-                    total += loss.detach() * len(labels)
-                all_reduce_gradients(list(model.parameters()), ranks, device, every_rank_has_rows=batch >= ranks.world)
+                images = random_shift(preprocess(images), max_shift, offsets)
+                with autocast_for(device):
+                    summed = F.cross_entropy(forward(images).float(), labels, label_smoothing=p.label_smoothing,
+                                             reduction="sum")
+                (summed * (ranks.world / batch)).backward()  # one process: the batch's mean loss
+                total += summed.detach()
                 optimizer.step()
                 scheduler.step()
                 bar.advance(bar_id)
