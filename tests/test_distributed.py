@@ -167,3 +167,24 @@ def test_a_failing_rank_stops_the_stage_with_its_one_line_error_and_writes_nothi
     assert len(errors) == 1 and "outputs/prepare" in errors[0], done.stderr
     assert "Traceback" not in done.stderr
     assert not (project / "outputs/train").exists() or not any((project / "outputs/train").iterdir())
+
+
+def test_the_prefect_pipeline_runs_the_compute_stages_on_two_processes(prefect_harness, tmp_path, monkeypatch):
+    """train.nproc: 2 in the flow: each compute stage's task starts torchrun and returns what its record says."""
+    from conftest import load_flow
+
+    project = tmp_path / "flow"
+    project.mkdir()
+    write_params(project, train={"epochs": 1, "device": "cpu", "nproc": 2},
+                 backbone={"pretrain": {"epochs": 2, "lr": 2e-3}})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    state = load_flow("pipeline").pipeline(str(project), progress=False, return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    outputs = project / "outputs"
+    assert result["metrics"] == read_json(outputs / "evaluate/metrics.json")
+    for record in ("backbone/backbone.json", "features/features_log.json", "train/train_log.json",
+                   "evaluate/evaluate.json"):
+        assert read_json(outputs / record)["world_size"] == 2, record
+    assert result["registration"]["version"] == "1"
