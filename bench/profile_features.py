@@ -1,4 +1,4 @@
-"""Where the features stage's time goes: torch.profiler over backbone_statistics on uint8 host data.
+"""Where the features stage's time goes: torch.profiler over backbone_statistics (per-image outputs) on uint8 host data.
 
     python bench/profile_features.py            # ViT-B/16, 224 px, batch 256, 12 batches (a CUDA device)
 

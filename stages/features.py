@@ -1,6 +1,7 @@
-"""features: frozen-backbone CLS features and per-block input-token statistics of the training data,
-plus every token entering every block for a sample of task 0's images; computed once for every
-consumer (prototypes, initialisers)."""
+"""features: per-class sums of the frozen backbone's CLS features and of every block's input tokens, the
+block x block affinity summed over task 0's images, and every token entering every block for a sample of
+task 0's images; computed once for every consumer (prototypes, initialisers). Its size grows with the
+classes, never with the images."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
 from promptcil.distributed import barrier, setup
 from promptcil.entry import stage_main
-from promptcil.features import backbone_statistics, block_token_sample, sample_images
+from promptcil.features import block_token_sample, class_statistics, sample_images
 from promptcil.workspace import Workspace
 
 
@@ -21,13 +22,15 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     ranks, device = setup(p.train.device)  # torchrun: each rank its shard of the images, rank 0 writes
     backbone = load_recorded_backbone(p.backbone, workspace.of("pretrain"), seed=p.train.seed)
     train = read_image_set(workspace.of("prepare"), "train")
+    split = read_task_split(workspace.of("prepare"))
+    base = split.task_classes(0)
     barrier(ranks)  # every rank has loaded: the time below is the pass, not the ranks' start-up skew
     started = time.perf_counter()
-    stats = backbone_statistics(backbone, train, p.eval.batch_size, device)
-    seconds = time.perf_counter() - started  # the pass over every training image, gathered on every rank
-    classes = read_task_split(workspace.of("prepare")).task_classes(0)
-    sample = sample_images(train, classes, p.init.sample_images, p.init.sample_seed)
-    summary = {"samples": len(stats["labels"]), "token_sample_images": len(sample), "world_size": ranks.world,
+    stats = class_statistics(backbone, train, p.eval.batch_size, device,
+                             num_classes=split.task_classes(split.num_tasks - 1).stop, affinity_classes=base)
+    seconds = time.perf_counter() - started  # the pass over every training image, the sums added across ranks
+    sample = sample_images(train, base, p.init.sample_images, p.init.sample_seed)
+    summary = {"samples": len(train), "token_sample_images": len(sample), "world_size": ranks.world,
                "samples_per_rank": ranks.shard_sizes(len(train)), "seconds": seconds}
     if ranks.writer:  # the token sample is small: rank 0 computes it alone
         stats["block_token_sample"] = block_token_sample(backbone, sample, p.eval.batch_size, device)

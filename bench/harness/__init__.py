@@ -8,7 +8,7 @@ Every number is a ratio to a baseline measured in the same process on the same i
 Each registered prompt method (every name in promptcil.prompts.METHODS except `none`) runs the
 trainer's own step (promptcil.training.train_step: autocast, masked cross-entropy, backward,
 Adam) and the evaluation's inference (IncrementalModel.predict under autocast), both from uint8
-images already on the device. The `features` stage runs promptcil.features.backbone_statistics
+images already on the device. The `features` stage runs promptcil.features.class_statistics
 end to end from uint8 images in host memory through the real loader. Time per incremental task
 runs IncrementalTrainer.run on equal tasks. Random weights and random images: speed does not
 depend on the values, but never time on zeros.

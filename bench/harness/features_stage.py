@@ -1,4 +1,4 @@
-"""The features stage (backbone_statistics) from uint8 host images, the loader alone, and where its time goes."""
+"""The features stage (class_statistics) from uint8 host images, the loader alone, and where its time goes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.data import ImageSet, make_loader
-from promptcil.features import backbone_statistics
+from promptcil.features import class_statistics
 from promptcil.runtime import autocast_for
 
 from harness.inputs import Run, random_imageset
@@ -17,7 +17,7 @@ from harness.timing import wall
 
 
 def features_rate(run: Run, backbone: VisionTransformer, batches: int) -> dict[str, Any]:
-    """backbone_statistics (the features stage) end to end from uint8 images in host memory, wall clock,
+    """class_statistics (the features stage) end to end from uint8 images in host memory, wall clock,
     median of 3 passes after a 2-batch warm-up, over `batches` batches (the target's row: a stage runs over
     a whole training set) and over a quarter of them (what a fixed cost per call weighs on a short pass);
     the loader alone (host gather, pinning, copy to device); and a breakdown (features_breakdown)."""
@@ -27,9 +27,13 @@ def features_rate(run: Run, backbone: VisionTransformer, batches: int) -> dict[s
     quarter = max(1, batches // 4) * run.batch_size
     short = ImageSet(data.images[:quarter], data.labels[:quarter], data.class_names)
     warm = ImageSet(data.images[: 2 * run.batch_size], data.labels[: 2 * run.batch_size], data.class_names)
-    backbone_statistics(backbone, warm, run.batch_size, run.device)
-    stage_s = [wall(run, lambda: backbone_statistics(backbone, data, run.batch_size, run.device)) for _ in range(3)]
-    short_s = [wall(run, lambda: backbone_statistics(backbone, short, run.batch_size, run.device)) for _ in range(3)]
+
+    def stage(images: ImageSet) -> None:  # every image is class 0 here
+        class_statistics(backbone, images, run.batch_size, run.device, num_classes=1, affinity_classes=range(1))
+
+    stage(warm)
+    stage_s = [wall(run, lambda: stage(data)) for _ in range(3)]
+    short_s = [wall(run, lambda: stage(short)) for _ in range(3)]
 
     def load_all() -> None:
         for images, _ in make_loader(data, run.batch_size, shuffle=False, seed=0, pin_memory=run.device.type == "cuda"):
@@ -49,8 +53,8 @@ def features_breakdown(run: Run, backbone: VisionTransformer, data: ImageSet) ->
     - loader_fed_forward: the plain forward fed by the stage's loader, each batch copied to the device on
       the compute stream (no copy ahead), nothing kept;
     - with_block_means: the same plus the stage's per-block patch-token means, kept on the device;
-    - device_outputs: the stage's whole work with its results kept on the device and copied to (pageable)
-      host memory once at the end, instead of through the stage's ring of page-locked staging buffers."""
+    - device_outputs: the per-image outputs (backbone_statistics' work) kept on the device and copied to
+      (pageable) host memory once at the end, instead of through its ring of page-locked staging buffers."""
     from promptcil.backbone import embed_tokens
     from promptcil.data import DevicePreprocess
 

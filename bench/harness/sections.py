@@ -60,7 +60,7 @@ def bench_model(run: Run, name: str, features_batches: int, scratch: Path) -> di
         with recorded(method, errors):
             bench_method(run, name, backbone, method, batches, scratch, out)
     with recorded("features", errors):
-        plain.method.attach()  # backbone_statistics runs the bare backbone: no other method's hooks on it
+        plain.method.attach()  # class_statistics runs the bare backbone: no other method's hooks on it
         out["features"] = features_rate(run, backbone, features_batches)
         print(f"  {name}: features stage {out['features']['img_per_s']:.0f} img/s, "
               f"loader alone {out['features']['loader_img_per_s']:.0f} img/s", flush=True)

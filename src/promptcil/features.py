@@ -1,10 +1,11 @@
 """Frozen-backbone statistics computed once per pipeline run (the `features` stage).
 
-For every training image: the final CLS feature (what prototype heads and
-SimpleCIL use) and, for every block, the mean patch token ENTERING that block
-(what the class-prototype initialiser needs). Per-class means of both are the
-prototypes. For a small seeded sample of task 0's images: every patch token
-entering every block (what the sampled_tokens and SPT initialisers draw from).
+Per class, summed over its training images in one pass (`class_statistics`, a size that does not grow with
+the data): the final CLS feature (what prototype heads and SimpleCIL use) and, for every block, the mean
+patch token ENTERING that block (what the class-prototype initialiser needs); their means are the
+prototypes. Over task 0's images, the block x block affinity of those tokens (SHIP's levels). For a small
+seeded sample of task 0's images: every patch token entering every block (what the sampled_tokens and SPT
+initialisers draw from). `backbone_statistics` keeps the per-image values, for analysis and tests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import embed_tokens
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
-from promptcil.distributed import gather_rows, shard_of
+from promptcil.distributed import all_reduce_sum_, gather_rows, shard_of
 from promptcil.runtime import autocast_for
 
 
@@ -26,10 +27,18 @@ def _entering_tokens(
 ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
     """Per batch: the final CLS feature and, for every block, the patch tokens entering it (prefix tokens
     dropped); `with_output` appends the patch tokens leaving the last block."""
+    for cls, entering, _ in _entering_tokens_labelled(backbone, data, batch_size, device, with_output=with_output):
+        yield cls, entering
+
+
+def _entering_tokens_labelled(
+    backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device, *, with_output: bool = False
+) -> Iterator[tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]]:
+    """`_entering_tokens` with each batch's labels (on the device)."""
     backbone.eval().to(device)
     preprocess = DevicePreprocess.from_model(backbone).to(device)
     prefix = backbone.num_prefix_tokens
-    for images, _ in device_batches(data, batch_size, device):
+    for images, labels in device_batches(data, batch_size, device):
         with autocast_for(device):
             tokens = embed_tokens(backbone, preprocess(images))
             entering = []
@@ -39,7 +48,7 @@ def _entering_tokens(
             if with_output:
                 entering.append(tokens[:, prefix:])
             cls = backbone.forward_head(backbone.norm(tokens), pre_logits=True)
-        yield cls, entering
+        yield cls, entering, labels.to(device, non_blocking=True)
 
 
 class _HostSink:
@@ -111,6 +120,53 @@ def backbone_statistics(
     stats = {name: gather_rows(value, len(data), ranks, device, writer_only=True).cpu()
              for name, value in stats.items()}
     return {**stats, "labels": data.labels.clone()}
+
+
+@torch.no_grad()
+def class_statistics(
+    backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device, num_classes: int,
+    affinity_classes: range,
+) -> dict[str, torch.Tensor]:
+    """What the later stages need from every training image, accumulated in one pass on the device, of a
+    size that does not grow with the images (O(classes x depth x D)), float64 on the CPU:
+
+    - class_counts (C,), class_cls_sums (C, D): the final CLS feature summed per class;
+    - class_block_sums (C, depth, D): each image's mean patch token entering each block, summed per class;
+    - affinity_sum (depth, depth), affinity_images (): over the images of `affinity_classes` (task 0), each
+      image's block x block cosine affinity of those tokens, summed, and how many images (SHIP's levels).
+
+    Means are sums over counts (`prototypes` stage). The values summed are the float32 ones the per-image
+    outputs held, in data order, so the means are those of `backbone_statistics` + `class_means` and
+    `layer_affinity`. Under torchrun each rank passes its shard and the sums are added across ranks."""
+    depth, dim = len(backbone.blocks), backbone.embed_dim
+    local, ranks = shard_of(data)
+    like = {"dtype": torch.float64, "device": device}
+    sums = {"class_counts": torch.zeros(num_classes, **like), "class_cls_sums": torch.zeros(num_classes, dim, **like),
+            "class_block_sums": torch.zeros(num_classes, depth, dim, **like),
+            "affinity_sum": torch.zeros(depth, depth, **like), "affinity_images": torch.zeros((), **like)}
+    in_affinity = torch.zeros(num_classes, dtype=torch.bool, device=device)
+    in_affinity[affinity_classes.start:affinity_classes.stop] = True
+    for cls, entering, labels in _entering_tokens_labelled(backbone, local, batch_size, device):
+        tokens = torch.stack([t.mean(dim=1) for t in entering], dim=1).float().double()  # (B, depth, D)
+        sums["class_counts"].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
+        sums["class_cls_sums"].index_add_(0, labels, cls.float().double())
+        sums["class_block_sums"].index_add_(0, labels, tokens)
+        unit = F.normalize(tokens[in_affinity[labels]], dim=-1)
+        sums["affinity_sum"] += (unit @ unit.transpose(1, 2)).sum(dim=0)
+        sums["affinity_images"] += len(unit)
+    all_reduce_sum_(list(sums.values()), ranks)
+    return {name: value.cpu() for name, value in sums.items()}
+
+
+def means_of(statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`class_statistics` -> float32 class_features (C, D), block_class_tokens (depth, C, D) and
+    layer_affinity (depth, depth); a class without images is an error."""
+    counts = statistics["class_counts"]
+    if (counts == 0).any():
+        raise ValueError(f"no samples for classes {(counts == 0).nonzero().flatten().tolist()}")
+    return {"class_features": (statistics["class_cls_sums"] / counts[:, None]).float(),
+            "block_class_tokens": (statistics["class_block_sums"] / counts[:, None, None]).float().transpose(0, 1),
+            "layer_affinity": (statistics["affinity_sum"] / statistics["affinity_images"]).float()}
 
 
 @torch.no_grad()
