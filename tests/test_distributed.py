@@ -147,8 +147,10 @@ def test_evaluate_on_two_processes_reports_the_one_process_metrics(projects):
 
 
 def test_the_ridge_heads_sums_are_reduced_across_ranks(tmp_path):
-    """A closed-form head: its Gram matrix and targets summed over both ranks' rows (no gradient)."""
-    one, two = two_projects(tmp_path, head={"name": "ridge"}, train={"epochs": 1})
+    """A closed-form head: its Gram matrix and targets summed over both ranks' rows (no gradient); with
+    augmentation, each rank crops its rows of the global batch's draws."""
+    augment = {"crop_scale": [0.5, 1.0], "flip": True}
+    one, two = two_projects(tmp_path, head={"name": "ridge"}, train={"epochs": 1, "augment": augment})
     copy_outputs(one, two, "prepare", "pretrain", "features", "prototypes", "prompt_init")
     done = run_stage("train", two)
     assert done.returncode == 0, done.stderr

@@ -18,6 +18,7 @@ from promptcil.config.base import (
     read_mapping,
 )
 from promptcil.config.sections import (
+    AugmentConfig,
     BackboneConfig,
     EvalConfig,
     FractalConfig,
@@ -42,8 +43,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "BackboneConfig", "ConfigError", "DataConfig", "EvalConfig", "FractalConfig", "GateConfig", "HeadConfig",
-    "InitConfig", "MethodConfig", "Params", "PretrainConfig", "RegistryConfig", "RetrainConfig", "Section",
-    "StudySpec", "TrainConfig", "deep_merge", "flatten", "load_params", "load_section", "load_study",
+    "AugmentConfig", "BackboneConfig", "ConfigError", "DataConfig", "EvalConfig", "FractalConfig", "GateConfig",
+    "HeadConfig", "InitConfig", "MethodConfig", "Params", "PretrainConfig", "RegistryConfig", "RetrainConfig",
+    "Section", "StudySpec", "TrainConfig", "deep_merge", "flatten", "load_params", "load_section", "load_study",
     "merged_params", "merged_raw", "parse_params", "read_mapping", "write_resolved_params",
 ]

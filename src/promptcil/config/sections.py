@@ -97,6 +97,35 @@ class BackboneConfig(Section):
         return self
 
 
+class AugmentConfig(Section):
+    """train.augment: applied to the training steps' images only (never to the heads' passes or evaluation)."""
+
+    crop_scale: tuple[float, float] | None = Field(
+        None, description="Random resized crop: the crop's area as a fraction of the image, drawn uniformly "
+        "from [low, high] (e.g. [0.5, 1.0]), resampled to the model's input size. null: no crop.")
+    crop_ratio: tuple[float, float] = Field(
+        (0.75, 4 / 3), description="The crop's aspect ratio (width / height), drawn log-uniformly from [low, high].")
+    flip: bool = Field(False, description="Flip half the images left-right (not for digits or text).")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"{list(v)}: needs 0 < low <= high <= 1")
+        return v
+
+    @field_validator("crop_ratio")
+    @classmethod
+    def _ratio(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"{list(v)}: needs 0 < low <= high")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return self.crop_scale is not None or self.flip
+
+
 class TrainConfig(Section):
     epochs: int = Field(5, gt=0, description="Epochs per task (the first task only, for analytic heads' adaptation).")
     batch_size: int = Field(32, gt=0, description="Images per training step.")
@@ -112,6 +141,8 @@ class TrainConfig(Section):
         1, ge=1,
         description="Processes the pretrain, features, train and evaluate stages run on (torchrun: one per GPU, "
         "gloo on a CPU; rank 0 writes). 1: one process, no torch.distributed.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig,
+                                   description="Augmentation on the device (off: no augmentation).")
     compile: bool = Field(
         False,
         description="torch.compile the prompted forward (method.compile()). Measured on an H100 (ViT-B/16, bf16): "

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from promptcil.config.sections import TrainConfig
 from promptcil.data import ImageSet, TaskSplit, device_batches, subset
+from promptcil.data.augment import apply_crops, draw_crops
 from promptcil.distributed import SINGLE, Ranks, all_reduce_sum_, broadcast_flag
 from promptcil.heads import Head
 from promptcil.model import IncrementalModel
@@ -43,6 +44,9 @@ class TaskLog:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     """Wall-clock time of the task's training and ending (in this process, when it was resumed)."""
+
+
+AUGMENT_STREAM = 1 << 40  # added to an epoch's shuffle seed: the seed of its crops and flips, another stream
 
 
 class IncrementalTrainer:
@@ -172,8 +176,13 @@ class IncrementalTrainer:
         set_epoch_lr(optimizer, self.cfg, epoch)
         total = torch.zeros((), device=self.device)
         count = 0
+        augment = self.cfg.augment
+        crops = torch.Generator().manual_seed(shuffle_seed(self.cfg.seed, task, epoch) + AUGMENT_STREAM)
         for step, (images, labels) in enumerate(self.task_loader(data, task, epoch)):
             batch = min(self.cfg.batch_size, len(data) - step * self.cfg.batch_size)  # the global batch's size
+            if augment.enabled:  # drawn for the global batch on every rank; each rank crops its rows
+                theta = draw_crops(augment, batch, crops)[self.ranks.shard(batch)]
+                images = apply_crops(images.to(self.device, non_blocking=True), theta, self.model.preprocess.img_size)
             total += train_step(self.model, head, images, labels, first_class, optimizer, self.device,
                                 share=len(labels) / batch, ranks=self.ranks,
                                 every_rank_has_rows=batch >= self.ranks.world) * len(labels)
