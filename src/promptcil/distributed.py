@@ -149,26 +149,17 @@ def broadcast_flag(value: bool, ranks: Ranks, device: torch.device) -> bool:
     return bool(flag.item())
 
 
-def gather_rows(local: torch.Tensor, total: int, ranks: Ranks, device: torch.device, *,
-                writer_only: bool = False) -> torch.Tensor:
-    """Every rank's shard (`Ranks.shard` of `total` rows, along dim 0) concatenated in rank order, on
-    `local`'s device: on every rank, or with `writer_only` on rank 0 alone (the others get their own shard
-    back; half the traffic, for what only the writer saves). Shards differ in size by at most one row:
-    padded for the collective."""
+def gather_rows(local: torch.Tensor, total: int, ranks: Ranks, device: torch.device) -> torch.Tensor:
+    """Every rank's shard (`Ranks.shard` of `total` rows, along dim 0) concatenated in rank order, on every
+    rank and on `local`'s device. Shards differ in size by at most one row: padded for the collective."""
     if not ranks.distributed:
         return local
     sizes = [Ranks(r, ranks.world).shard(total) for r in range(ranks.world)]
     longest = max(s.stop - s.start for s in sizes)
     padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
     padded[: len(local)] = local.to(device)
-    if writer_only:
-        pieces = [torch.empty_like(padded) for _ in range(ranks.world)] if ranks.writer else None
-        dist.gather(padded, pieces, dst=0)
-        if not ranks.writer:
-            return local
-    else:
-        pieces = [torch.empty_like(padded) for _ in range(ranks.world)]
-        dist.all_gather(pieces, padded)
+    pieces = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(pieces, padded)
     return torch.cat([piece[: s.stop - s.start] for piece, s in zip(pieces, sizes)]).to(local.device)
 
 

@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import embed_tokens
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
-from promptcil.distributed import all_reduce_sum_, gather_rows, shard_of
+from promptcil.distributed import all_reduce_sum_, shard_of
 from promptcil.runtime import autocast_for
 
 
@@ -109,17 +109,13 @@ def backbone_statistics(
     backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device
 ) -> dict[str, torch.Tensor]:
     """{"cls": (N, D), "block_input_tokens": (N, depth, D), "labels": (N,)} in data order, float32 on CPU;
-    block_input_tokens is each image's mean patch token entering each block. Under torchrun each rank
-    computes its shard and rank 0 (the writer) gets them all; the other ranks get their own."""
+    block_input_tokens is each image's mean patch token entering each block (per-image values, for analysis
+    and tests; the features stage keeps `class_statistics`)."""
     depth, dim = len(backbone.blocks), backbone.embed_dim
-    local, ranks = shard_of(data)  # under torchrun: each rank its contiguous shard, gathered in data order
-    sink = _HostSink({"cls": (dim,), "block_input_tokens": (depth, dim)}, len(local), batch_size, device)
-    for cls, entering in _entering_tokens(backbone, local, batch_size, device):
+    sink = _HostSink({"cls": (dim,), "block_input_tokens": (depth, dim)}, len(data), batch_size, device)
+    for cls, entering in _entering_tokens(backbone, data, batch_size, device):
         sink.put(cls=cls, block_input_tokens=torch.stack([t.mean(dim=1) for t in entering], dim=1))
-    stats = sink.finish()
-    stats = {name: gather_rows(value, len(data), ranks, device, writer_only=True).cpu()
-             for name, value in stats.items()}
-    return {**stats, "labels": data.labels.clone()}
+    return {**sink.finish(), "labels": data.labels.clone()}
 
 
 @torch.no_grad()

@@ -182,7 +182,7 @@ class IncrementalTrainer:
             batch = min(self.cfg.batch_size, len(data) - step * self.cfg.batch_size)  # the global batch's size
             if augment.enabled:  # drawn for the global batch on every rank; each rank crops its rows
                 theta = draw_crops(augment, batch, crops)[self.ranks.shard(batch)]
-                images = apply_crops(images.to(self.device, non_blocking=True), theta, self.model.preprocess.img_size)
+                images = apply_crops(images, theta, self.model.preprocess.img_size)  # already on the device
             total += train_step(self.model, head, images, labels, first_class, optimizer, self.device,
                                 share=len(labels) / batch, ranks=self.ranks,
                                 every_rank_has_rows=batch >= self.ranks.world) * len(labels)
