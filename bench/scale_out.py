@@ -5,8 +5,8 @@ GPU workers, each through the product's own commands; speed-ups against their ta
     python bench/scale_out.py --data-root DIR --skip-study    # the stages only
     python bench/scale_out.py --quick                         # CPU smoke test (gloo, a tiny ViT, digits)
 
-Stages: one workspace (Fashion-MNIST B4 + 3 tasks of 2 at --img-size, random-init ViT pretrained for one
-epoch on the base classes, APT with the aligned linear head, one epoch per task); each of pretrain, features,
+Stages: one workspace (Fashion-MNIST B4 + 3 tasks of 2 at --img-size, random-init ViT pretrained for three
+epochs on the base classes, APT with the aligned linear head, one epoch per task); each of pretrain, features,
 train and evaluate runs as `python -m stages.<stage>` with train.nproc = 1, then N (the stage starts
 torchrun itself). A stage's rate is its images over the seconds its own record reports for the work (the
 pass over the data; process start-up, imports and reading the prepared data are the wall column).
@@ -51,7 +51,8 @@ def stage_params(args: argparse.Namespace, nproc: int) -> dict[str, Any]:
     return {
         "data": data,
         "backbone": {**backbone, "source": "pretrain",
-                     "pretrain": {"data": "base_classes", "epochs": 1, "batch_size": batch, "lr": 1e-3}},
+                     "pretrain": {"data": "base_classes", "epochs": args.pretrain_epochs, "batch_size": batch,
+                                  "lr": 1e-3}},
         "method": {"name": "apt"},
         "head": {"name": "linear"},
         "train": {"epochs": 1, "batch_size": batch, "device": args.device, "nproc": nproc},
@@ -137,7 +138,10 @@ def bench_study(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]
         span = max(r["run_window_seconds"][1] for r in rows) - min(r["run_window_seconds"][0] for r in rows)
         result[f"gpus{gpus}"] = {"runs": len(rows), "grid_s": span, "wall_s": wall,
                                  "runs_per_hour": 3600 * len(rows) / span,
-                                 "run_seconds": [r["run_seconds"] for r in rows]}
+                                 "runs_by_start": sorted(  # the schedule: which worker ran what, when
+                                     ({"run": f"{r['variant']} seed {r['seed']}", "worker": r.get("worker"),
+                                       "window": r["run_window_seconds"]} for r in rows),
+                                     key=lambda r: r["window"][0])}
         print(f"study on {gpus} GPU(s): {len(rows)} runs in {span:.0f} s (wall {wall:.0f} s)", flush=True)
     result["speedup"] = result[f"gpus{args.nproc}"]["runs_per_hour"] / result["gpus1"]["runs_per_hour"]
     result["target"] = TARGETS["study"]
@@ -175,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT, random init (default %(default)s)")
     p.add_argument("--img-size", type=int, default=224, help="(default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (default %(default)s)")
+    p.add_argument("--pretrain-epochs", type=int, default=3,
+                   help="pretraining epochs on the base classes: more than one so the first steps' warm-up (kernel "
+                        "choice, allocator, NCCL buckets) does not dominate (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default %(default)s)")
     p.add_argument("--study", type=Path, default=REPO / "configs/studies/scale-out.yaml",
                    help="(default: configs/studies/scale-out.yaml)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -199,6 +200,8 @@ def run_point(point: Point, shared_root: Path, *, probe_first_epoch: bool = Fals
         "seconds_per_task": [t["seconds"] for t in log["log"]],
         "run_seconds": time.perf_counter() - started,
         "run_window_seconds": [started_at, time.time()],  # wall-clock start and end: a grid's span, runs per hour
+        # where it ran: a cluster's schedule (which worker took which run, and when) can be read back from the rows
+        "worker": f"{socket.gethostname()} pid {os.getpid()} GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}",
         "first_epoch_accuracy": first_epoch_accuracy(params, workspace, after_first_epoch) if after_first_epoch
         else None,
     }
