@@ -65,7 +65,7 @@ def register(project: Params, champion: Champion, retrained: Retrained, metrics:
         tags={"retrained_from": champion.version, "new_classes": json.dumps(incoming.names)},
         model_code=Path(serving.__file__),
         model_artifacts=artifacts,
-        input_example=retrained.test.images[:2].numpy(),
+        input_example=retrained.test.first(2).numpy(),
         class_names=retrained.test.class_names,
     )
 

@@ -30,6 +30,7 @@ import yaml
 
 from promptcil.artifacts import ArtifactKind, load_tensors, read_json, write_json
 from promptcil.config import ConfigError, StudySpec, deep_merge, flatten, merged_raw
+from promptcil.data.prepared import images_sha256
 from promptcil.provenance import artifact_sha256, claim, file_sha256, producer_record
 from promptcil.workspace import SHARED_STAGES, Workspace
 
@@ -142,7 +143,7 @@ def run_shared(folder: Path, raw: dict[str, Any], *, progress: bool = False) -> 
 def shared_inputs(shared: Workspace) -> dict[str, str]:
     """The sha256 of what a run reads from its protocol's shared outputs."""
     return {"tasks": file_sha256(shared.out("prepare") / "tasks.json"),
-            "train_images": artifact_sha256(shared.out("prepare") / "train.safetensors"),
+            "train_images": images_sha256(shared.out("prepare"), "train"),
             "backbone": read_json(shared.out("pretrain") / "backbone.json")["weights_sha256"],
             "features": artifact_sha256(shared.out("features") / "features.safetensors"),
             "prototypes": artifact_sha256(shared.out("prototypes") / "prototypes.safetensors")}
@@ -226,7 +227,7 @@ def first_epoch_accuracy(params: Any, workspace: Workspace, state: dict[str, Any
     model = build_model(p, workspace.of("pretrain"))
     model.load_trainable_state(state)
     prepared = workspace.of("prepare")
-    test = subset(read_image_set(prepared, "test"), list(read_task_split(prepared).task_classes(0)))
+    test = subset(read_image_set(prepared, "test", p.data), list(read_task_split(prepared).task_classes(0)))
     return float(
         (predict(model, test, p.eval.batch_size, resolve_device(p.train.device)) == test.labels).float().mean())
 

@@ -33,7 +33,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     ranks, device = setup(p.train.device)  # torchrun: each rank predicts its shard, rank 0 writes
     model = build_model(p, workspace.of("pretrain"), device=device)  # every task state holds the whole prompt
     states = [task_state_path(workspace.of("train"), t) for t in range(split.num_tasks)]
-    test, train = read_image_set(prepared, "test"), read_image_set(prepared, "train")
+    test, train = read_image_set(prepared, "test", p.data), read_image_set(prepared, "train", p.data)
     barrier(ranks)  # every rank has loaded: the time below is the work, not the ranks' start-up skew
     started = time.perf_counter()
     matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
@@ -43,8 +43,9 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     joint = joint_upper_bound(model, p.head, p.train, train, test, p.eval.batch_size, device)
     metrics |= {"A_joint": joint, "A_last_vs_joint": metrics["A_last"] / joint if joint > 0 else None}
     seconds = time.perf_counter() - started  # every task state over the test set, and the joint bound
+    forwarded = model.preprocess.images_seen  # this rank's images through the model in that time
     model.eval()
-    example = test.images[:8].to(device)
+    example = test.first(8).to(device)
     model.method.detach()  # the plain backbone's cost, for the ratio
     plain_gflops = gflops_per_image(lambda x: model.backbone.forward_features(model.preprocess(x)), example)
     model.method.attach()
@@ -62,6 +63,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
         write_json(out / "metrics.json", metrics)
         write_accuracy_plots(metrics, out)
         write_json(out / "evaluate.json", {"world_size": ranks.world, "seconds": seconds,
+                                           "images_forwarded": forwarded,
                                            "test_samples_per_rank": ranks.shard_sizes(len(test))})
     return metrics
 

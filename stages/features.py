@@ -21,7 +21,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     p = workspace.localise(params)
     ranks, device = setup(p.train.device)  # torchrun: each rank its shard of the images, rank 0 writes
     backbone = load_recorded_backbone(p.backbone, workspace.of("pretrain"), seed=p.train.seed)
-    train = read_image_set(workspace.of("prepare"), "train")
+    train = read_image_set(workspace.of("prepare"), "train", p.data)
     split = read_task_split(workspace.of("prepare"))
     base = split.task_classes(0)
     barrier(ranks)  # every rank has loaded: the time below is the pass, not the ranks' start-up skew

@@ -52,7 +52,7 @@ def pretraining_data(p: Params, workspace: Workspace, *, progress: bool = False)
     upstream = p.backbone.pretrain.data
     if upstream == "base_classes":
         prepared = workspace.of("prepare")
-        return subset(read_image_set(prepared, "train"), list(read_task_split(prepared).task_classes(0)))
+        return subset(read_image_set(prepared, "train", p.data), list(read_task_split(prepared).task_classes(0)))
     if upstream == "fractal":
         return fractal_images(p.backbone.pretrain.fractal, p.backbone.img_size, resolve_device(p.train.device),
                               progress=progress)

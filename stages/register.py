@@ -11,8 +11,8 @@ import yaml
 from promptcil import serving, tracking
 from promptcil.artifacts import read_json, write_json
 from promptcil.config import Params
-from promptcil.data import read_image_set
-from promptcil.data.prepared import TASKS_FILE
+from promptcil.data import ImageSet, read_image_set
+from promptcil.data.prepared import TASKS_FILE, write_image_set
 from promptcil.entry import stage_main
 from promptcil.training import task_state_path
 from promptcil.workspace import Workspace
@@ -43,13 +43,25 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as scratch:  # the version's params.yaml: every key, as the run used it
         params_file = Path(scratch) / "params.yaml"
         params_file.write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
-        result = _log(params, workspace, metrics, tasks, params_file)
+        result = _log(params, workspace, metrics, tasks, params_file, eval_set(workspace, Path(scratch)))
     result["tracking_uri"] = uri
     write_json(workspace.out("register") / "registration.json", result)
     return result
 
 
-def _log(params: Params, workspace: Workspace, metrics: dict, tasks: dict, params_file: Path) -> dict:
+def eval_set(workspace: Workspace, scratch: Path) -> Path:
+    """The held-out images a version carries (a retrain's gate evaluates the champion on them): the prepared
+    file, or for sharded data the test shards decoded once into the same uint8 layout."""
+    prepared = workspace.of("prepare")
+    test = read_image_set(prepared, "test")
+    if isinstance(test, ImageSet):
+        return prepared / "test.safetensors"
+    write_image_set(scratch, "test", ImageSet(test.first(len(test)), test.labels, test.class_names), "shards")
+    return scratch / "test.safetensors"
+
+
+def _log(params: Params, workspace: Workspace, metrics: dict, tasks: dict, params_file: Path,
+         eval_images: Path) -> dict:
     prepared, evaluated, trained = workspace.of("prepare"), workspace.of("evaluate"), workspace.of("train")
     return tracking.log_pipeline_run(
         registry=params.registry,
@@ -66,10 +78,10 @@ def _log(params: Params, workspace: Workspace, metrics: dict, tasks: dict, param
             backbone=workspace.of("pretrain"),
             task_state=task_state_path(trained, tasks["num_tasks"] - 1),
             tasks=prepared / TASKS_FILE,
-            eval_set=prepared / "test.safetensors",
+            eval_set=eval_images,
             metrics=evaluated / "metrics.json",
         ),
-        input_example=read_image_set(prepared, "test").images[:2].numpy(),
+        input_example=read_image_set(prepared, "test").first(2).numpy(),
         class_names=tasks["class_names"],
     )
 

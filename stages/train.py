@@ -8,7 +8,7 @@ from collections.abc import Callable
 from promptcil.artifacts import read_json, write_json
 from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
-from promptcil.data.prepared import TASKS_FILE
+from promptcil.data.prepared import TASKS_FILE, images_sha256
 from promptcil.distributed import samples_per_rank, setup
 from promptcil.entry import stage_main
 from promptcil.model import build_model
@@ -28,17 +28,19 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True,
     producer = producer_record(
         {"method": p.method.model_dump(mode="json"), "head": p.head.model_dump(mode="json"),
          "train": p.train.model_dump(mode="json")},
-        {"tasks": file_sha256(prepared / TASKS_FILE), "train_images": artifact_sha256(prepared / "train.safetensors"),
+        {"tasks": file_sha256(prepared / TASKS_FILE), "train_images": images_sha256(prepared, "train"),
          "backbone": read_json(workspace.of("pretrain") / "backbone.json")["weights_sha256"],
          "prompt_init": artifact_sha256(prompt_init / "prompt.safetensors")},
     )
     trainer = IncrementalTrainer(model, split, p.train, out, device, progress=progress, on_epoch_end=on_epoch_end,
                                  producer=producer, ranks=ranks)
-    logs = trainer.run(read_image_set(prepared, "train"))
+    logs = trainer.run(read_image_set(prepared, "train", p.data))
     summary = {
         "tasks": split.num_tasks,
         "device": str(trainer.device),
         "world_size": ranks.world,
+        "compiled": trainer.compiled,  # train.compile: whether this run compiled (auto decides by its steps)
+        "images_forwarded": trainer.model.preprocess.images_seen,  # steps' and the heads' passes, this rank
         "log": [{"task": g.task, "samples": g.samples, "epoch_losses": g.epoch_losses, "seconds": g.seconds,
                  "samples_per_rank": samples_per_rank(g.samples, p.train.batch_size, ranks.world)} for g in logs],
     }

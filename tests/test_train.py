@@ -104,3 +104,21 @@ def test_digits_run_beats_chance_by_far(
     summary = evaluate(model, digits_tasks, tmp_path)
     assert summary["accuracy_matrix"][0][0] > 0.9  # the pretrained backbone knows its base classes
     assert summary["A_last"] > threshold, summary
+
+
+def test_compile_auto_compiles_only_long_cuda_runs_and_keeps_its_cache(tmp_path, monkeypatch) -> None:
+    import os
+
+    from promptcil.training.compiling import AUTO_MIN_STEPS, compile_cache, should_compile
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not should_compile("auto", cpu, 10 * AUTO_MIN_STEPS)  # never on a CPU by itself
+    assert not should_compile("auto", cuda, AUTO_MIN_STEPS - 1)
+    assert should_compile("auto", cuda, AUTO_MIN_STEPS)
+    assert should_compile(True, cpu, 1) and not should_compile(False, cuda, 10 * AUTO_MIN_STEPS)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache() == tmp_path / "promptcil" / "torch-compile"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "promptcil" / "torch-compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "own"))
+    assert compile_cache() == tmp_path / "own" and (tmp_path / "own").is_dir()  # the user's choice wins

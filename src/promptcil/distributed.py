@@ -97,7 +97,7 @@ def shard_of(data: ImageSet) -> tuple[ImageSet, Ranks]:
     if not ranks.distributed:
         return data, ranks
     rows = ranks.shard(len(data))
-    return type(data)(data.images[rows], data.labels[rows], data.class_names), ranks
+    return data.take(rows), ranks
 
 
 def barrier(ranks: Ranks) -> None:

@@ -185,7 +185,7 @@ def sample_images(data: ImageSet, classes: range, count: int, seed: int) -> Imag
     pool = torch.isin(data.labels, torch.as_tensor(list(classes))).nonzero().flatten()
     generator = torch.Generator().manual_seed(seed)
     chosen = pool[torch.randperm(len(pool), generator=generator)[:count]].sort().values
-    return ImageSet(data.images[chosen], data.labels[chosen], data.class_names)
+    return data.take(chosen)
 
 
 def class_means(values: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -143,12 +143,13 @@ class TrainConfig(Section):
         "gloo on a CPU; rank 0 writes). 1: one process, no torch.distributed.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig,
                                    description="Augmentation on the device (off: no augmentation).")
-    compile: bool = Field(
-        False,
-        description="torch.compile the prompted forward (method.compile()). Measured on an H100 (ViT-B/16, bf16): "
-        "APT's training step 1.30x, inference 1.16x eager, after 16-30 s of compilation per process; off by "
-        "default because each task's switch between training and eval recompiles and short runs do not win "
-        "that back (docs/performance.md).",
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the prompted forward (method.compile()): true, false, or auto (on CUDA when "
+        "the run trains for at least 2000 steps, enough to repay the compilation). Compiled artifacts are "
+        "cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/promptcil/torch-compile) for the next run. "
+        "Measured on an H100 (ViT-B/16, bf16): APT's training step 1.30x, inference 1.16x eager "
+        "(docs/performance.md).",
     )
 
     @field_validator("device")
@@ -216,6 +217,17 @@ class DataBase(Section):
     class_order: list[int] | None = Field(
         None, description="Explicit class order (original class ids); overrides class_order_seed."
     )
+    shards: bool = Field(
+        False, description="Prepare the images as WebDataset tar shards of the encoded files (one class per shard) "
+        "and stream them, instead of decoding every image into memory: for sources larger than memory "
+        "(imagefolder; docs/operations.md, 'Data larger than memory').")
+    shard_images: int = Field(2048, gt=0, description="Images per shard at most (data.shards).")
+    decode: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where sharded images are decoded: gpu (nvjpeg, JPEGs; other formats in the loader's "
+        "threads), cpu (the loader's threads, libjpeg-turbo), auto (gpu when the model runs on CUDA).")
+    loader_workers: int | None = Field(
+        None, ge=0, description="Loader threads that read (and with decode cpu decode) sharded images "
+        "(default: min(8, CPUs)); 0 reads in the calling thread.")
 
     @field_validator("class_order")
     @classmethod

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
+from promptcil.data.shards import ShardedImageSet, sharded_batches
 from promptcil.data.sources import ImageSet
 from promptcil.distributed import Ranks
 
@@ -34,15 +35,37 @@ def make_loader(
     contiguous shard of every global batch of that same order.
     """
     dataset = _BatchGather(imageset.images, imageset.labels, pin_memory)
-    order = (
-        RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-        if shuffle
-        else SequentialSampler(dataset)
-    )
+    # its own generator: a DataLoader draws its workers' base seed from the global RNG at every pass otherwise,
+    # which would shift what a later seeded draw (the heads' alignment samples) sees
+    return DataLoader(dataset, sampler=batch_indices(len(dataset), batch_size, shuffle=shuffle, seed=seed, ranks=ranks),
+                      batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(seed))
+
+
+def batch_indices(
+    n: int, batch_size: int, *, shuffle: bool, seed: int, ranks: Ranks | None = None
+) -> Iterable[list[int]]:
+    """The lists of indices every loader (in memory or sharded) yields batches of: a seeded permutation of
+    range(n) (or range(n) itself), cut into batches; with `ranks`, this rank's contiguous part of each.
+    Each pass draws the next permutation of the same generator (a pure function of seed and pass)."""
+    order = (RandomSampler(range(n), generator=torch.Generator().manual_seed(seed)) if shuffle
+             else SequentialSampler(range(n)))
     batches = BatchSampler(order, batch_size=batch_size, drop_last=False)
-    if ranks is not None and ranks.distributed:
-        batches = [batch[ranks.shard(len(batch))] for batch in batches]
-    return DataLoader(dataset, sampler=batches, batch_size=None, num_workers=0)
+    if ranks is None or not ranks.distributed:
+        return batches
+    return _RankPart(batches, ranks)
+
+
+class _RankPart:
+    """This rank's contiguous part of each batch of `batches`, pass after pass."""
+
+    def __init__(self, batches: BatchSampler, ranks: Ranks) -> None:
+        self.batches, self.ranks = batches, ranks
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (batch[self.ranks.shard(len(batch))] for batch in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
 
 def to_device_ahead(
@@ -79,12 +102,17 @@ def to_device_ahead(
 
 
 def device_batches(
-    imageset: ImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False, seed: int = 0,
-    ranks: Ranks | None = None,
+    imageset: ImageSet | ShardedImageSet, batch_size: int, device: torch.device, *, shuffle: bool = False,
+    seed: int = 0, ranks: Ranks | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """`make_loader`'s batches on `device`, the way every loop that feeds a model gets them: gathered into
     pinned memory when `device` is a GPU, each copied there ahead of its use (`to_device_ahead`); with
-    `ranks`, this rank's shard of each."""
+    `ranks`, this rank's shard of each. Sharded images: the same batches (same order), read and decoded by
+    `promptcil.data.shards`."""
+    if isinstance(imageset, ShardedImageSet):
+        yield from sharded_batches(
+            imageset, batch_indices(len(imageset), batch_size, shuffle=shuffle, seed=seed, ranks=ranks), device)
+        return
     loader = make_loader(imageset, batch_size, shuffle=shuffle, seed=seed, pin_memory=device.type == "cuda",
                          ranks=ranks)
     yield from to_device_ahead(loader, device)
@@ -138,6 +166,7 @@ class DevicePreprocess(nn.Module):
             raise ValueError(f"mean {tuple(mean)} and std {tuple(std)} need 1 or {in_chans} values each")
         self.img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.in_chans = in_chans
+        self.images_seen = 0  # images through the model's forward: a stage's record can say what it computed
         # Not persistent: they are derived from the model config, not learned state.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
@@ -163,6 +192,7 @@ class DevicePreprocess(nn.Module):
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}")
         channels = images.shape[1]
+        self.images_seen += images.shape[0]
         if channels != self.in_chans and not (channels == 1 and self.in_chans == 3):
             raise ValueError(f"{channels}-channel images cannot feed a {self.in_chans}-channel model")
         x = images.float().div_(255.0)

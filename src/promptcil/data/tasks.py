@@ -136,4 +136,4 @@ def subset(imageset: ImageSet, classes: Sequence[int]) -> ImageSet:
     keep = torch.isin(imageset.labels, torch.as_tensor(list(classes), dtype=torch.int64))
     if not bool(keep.any()):
         raise DataError(f"task has no samples for classes {list(classes)}")
-    return ImageSet(images=imageset.images[keep], labels=imageset.labels[keep], class_names=imageset.class_names)
+    return imageset.take(keep.nonzero().flatten())

@@ -31,6 +31,7 @@ from promptcil.provenance import producer_record
 from promptcil.runtime import autocast_for, resolve_device
 from promptcil.training.adaptation import first_session_adapter
 from promptcil.training.checkpoints import CheckpointStore, ResumePoint
+from promptcil.training.compiling import compile_cache, should_compile
 from promptcil.training.step import make_optimizer, set_epoch_lr, shuffle_seed, train_step
 
 logger = logging.getLogger("promptcil")
@@ -84,8 +85,7 @@ class IncrementalTrainer:
             {"train": cfg.model_dump(mode="json"), "method": model.method.method_name,
              "head": model.head.head_name}, {}))
         self.model.to(self.device)
-        if cfg.compile:
-            self.model.method.compile()  # in place: the step and predict call it unchanged
+        self.compiled = False
 
     # ---- data --------------------------------------------------------------
     def task_data(self, train_set: ImageSet, task: int) -> ImageSet:
@@ -101,6 +101,7 @@ class IncrementalTrainer:
     def run(self, train_set: ImageSet, tasks: list[int] | None = None, *, resume: bool = True) -> list[TaskLog]:
         """Train `tasks` (default: all) in order; train_set carries incremental labels."""
         tasks = list(range(self.split.num_tasks)) if tasks is None else tasks
+        self._compile_if_it_pays(train_set, tasks)
         ours = self.store.claim() if self.ranks.writer else False  # another producer's folder is emptied first
         ours = broadcast_flag(ours, self.ranks, self.device)  # every rank resumes, or none
         point = self.store.latest() if resume and ours else None
@@ -117,6 +118,21 @@ class IncrementalTrainer:
                 here = point if point is not None and point.task == task and point.epoch > 0 else None
                 logs.append(self._train_task(train_set, task, bar, here))
         return logs
+
+    def _compile_if_it_pays(self, train_set: ImageSet, tasks: list[int]) -> None:
+        """train.compile (promptcil.training.compiling): the steps counted are every task's when the head trains,
+        else the first task's (an analytic head after it only observes)."""
+        if self.compiled:
+            return
+        training = tasks if self.model.head.trainable else tasks[:1]
+        counts = torch.bincount(train_set.labels, minlength=len(self.split.class_order))
+        steps = self.cfg.epochs * sum(
+            math.ceil(int(counts[list(self.split.task_classes(task))].sum()) / self.cfg.batch_size)
+            for task in training)
+        if should_compile(self.cfg.compile, self.device, steps):
+            compile_cache()
+            self.model.method.compile()  # in place: the step and predict call it unchanged
+            self.compiled = True
 
     def _done_task_log(self, task: int) -> TaskLog:
         """A finished task's log, from its committed state, so a resumed run reports every task."""

@@ -63,6 +63,14 @@ class ImageSet:
     def __len__(self) -> int:
         return self.labels.shape[0]
 
+    def take(self, rows: torch.Tensor | slice) -> ImageSet:
+        """The images at `rows` (indices, a mask or a slice)."""
+        return ImageSet(self.images[rows], self.labels[rows], self.class_names)
+
+    def first(self, n: int) -> torch.Tensor:
+        """The first `n` images, uint8 (examples, FLOP counts)."""
+        return self.images[:n]
+
 
 def one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
@@ -75,6 +83,25 @@ SOURCES: Registry[SourceFn] = Registry("data source", "promptcil.data.sources")
 def register_source(name: str, fields: type[BaseModel] | None = None) -> Callable[[SourceFn], SourceFn]:
     """Add a source to `SOURCES`; `fields`: the settings it adds to `data` (flat: data.<field>)."""
     return SOURCES.register(name, fields)
+
+
+FileListFn = Callable[[Any, Split], dict[str, list[Path]]]
+
+FILE_LISTS: Registry[FileListFn] = Registry("sharded data source", "promptcil.data.sources")
+"""Sources that can be sharded (data.shards): a function giving a split's image files by class name (sorted:
+a class's original id is its position), registered under the source's name."""
+
+
+def register_file_list(name: str) -> Callable[[FileListFn], FileListFn]:
+    """Let source `name` opt in to `data.shards`: prepare packs the files this function lists."""
+    return FILE_LISTS.register(name)
+
+
+def list_files(cfg: Any, split: Split) -> dict[str, list[Path]]:
+    if cfg.source not in FILE_LISTS:
+        raise DataError(f"data.shards: source '{cfg.source}' cannot be sharded (sources that can: "
+                        f"{', '.join(sorted(FILE_LISTS.names()))}); set data.shards: false")
+    return FILE_LISTS[cfg.source].obj(cfg, split)
 
 
 def load_split(cfg: Any, split: Split, image_size: int) -> ImageSet:
@@ -109,8 +136,8 @@ def decompress_atomically(src: Path, dst: Path) -> None:
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
-def read_rgb_image(path: Path, size: int) -> np.ndarray:
-    """Decode one file into (size, size, 3) uint8.
+def read_rgb_image(path: Path, size: int | None) -> np.ndarray:
+    """Decode one file into (size, size, 3) uint8 (size None: its own size).
 
     Conversions: 16-bit greyscale (Pillow modes I;16*, and I as older Pillow opens
     16-bit PNGs) is scaled by 255/65535, not clipped, so its contrast survives;
@@ -132,7 +159,7 @@ def read_rgb_image(path: Path, size: int) -> np.ndarray:
         img = img.convert("RGBA").convert("RGB")
     else:
         img = img.convert("RGB")
-    if img.size != (size, size):
+    if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(img)
 

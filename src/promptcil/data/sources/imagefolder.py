@@ -12,7 +12,15 @@ import torch
 from pydantic import Field
 
 from promptcil.config.base import Section
-from promptcil.data.sources.base import DataError, ImageSet, Split, class_image_files, read_rgb_image, register_source
+from promptcil.data.sources.base import (
+    DataError,
+    ImageSet,
+    Split,
+    class_image_files,
+    read_rgb_image,
+    register_file_list,
+    register_source,
+)
 
 
 class ImageFolderFields(Section):
@@ -30,6 +38,22 @@ def imagefolder(cfg: Any, split: Split, image_size: int) -> ImageSet:
     backbone's size) so they stack into one uint8 tensor. Labels follow the sorted
     class folder names, which must be the same in train/ and test/.
     """
+    files = imagefolder_files(cfg, split)
+    paths = [path for images in files.values() for path in images]
+    labels = [label for label, images in enumerate(files.values()) for _ in images]
+    size = cfg.image_size or image_size
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
+        arrays = list(pool.map(lambda path: read_rgb_image(path, size), paths))
+    return ImageSet(
+        images=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(),
+        labels=torch.tensor(labels, dtype=torch.int64),
+        class_names=list(files),
+    )
+
+
+@register_file_list("imagefolder")
+def imagefolder_files(cfg: Any, split: Split) -> dict[str, list[Path]]:
+    """The image files of `split` by class folder (sorted), after checking the tree."""
     if cfg.root is None:
         raise DataError("data.root: required for source imagefolder (a folder with train/ and test/)")
     root = Path(cfg.root)
@@ -47,14 +71,4 @@ def imagefolder(cfg: Any, split: Split, image_size: int) -> ImageSet:
             f"data.root: test/ classes differ from train/ classes in {root} (missing in test: {missing}, "
             f"only in test: {extra})"
         )
-    files = class_image_files(root / split)
-    paths = [path for images in files.values() for path in images]
-    labels = [label for label, images in enumerate(files.values()) for _ in images]
-    size = cfg.image_size or image_size
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # Pillow decodes without the GIL
-        arrays = list(pool.map(lambda path: read_rgb_image(path, size), paths))
-    return ImageSet(
-        images=torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous(),
-        labels=torch.tensor(labels, dtype=torch.int64),
-        class_names=list(files),
-    )
+    return class_image_files(root / split)

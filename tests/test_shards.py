@@ -1,0 +1,164 @@
+"""Sharded images (data.shards): WebDataset tar shards of real JPEG/PNG files made from scikit-learn's digits,
+prepared, read back by index and streamed; the whole pipeline on shards equals the in-memory pipeline."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from promptcil.config import DataConfig
+from promptcil.data import DataError, device_batches, load_split, read_image_set, subset
+from promptcil.data.shards import ShardedImageSet, verify_shards
+from promptcil.workspace import Workspace
+
+from conftest import project_params, write_params
+
+BACKBONE = {"source": "random", "img_size": 16}
+
+
+def digits_folder(root: Path, per_class: int = 30) -> Path:
+    """root/{train,test}/digit-<k>/<n>.jpg: 16 px RGB JPEGs of the digits, every fifth a PNG, one greyscale JPEG."""
+    digits = load_digits()
+    seen: dict[int, int] = {}
+    for image, label in zip(digits.images, digits.target):
+        n = seen.get(int(label), 0)
+        if n >= per_class:
+            continue
+        seen[int(label)] = n + 1
+        split = "test" if n % 3 == 0 else "train"
+        folder = root / split / f"digit-{label}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = Image.fromarray((image * 16).clip(0, 255).astype(np.uint8)).resize((16, 16))
+        if n == 1:
+            pixels.save(folder / f"{n:03d}.jpg", quality=90)  # greyscale JPEG
+        elif n % 5 == 0:
+            pixels.convert("RGB").save(folder / f"{n:03d}.png")
+        else:
+            pixels.convert("RGB").save(folder / f"{n:03d}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return digits_folder(tmp_path_factory.mktemp("digits-files"))
+
+
+def prepared(project: Path, root: Path, shards: bool, **data: object) -> Workspace:
+    from stages import prepare
+
+    project.mkdir(parents=True, exist_ok=True)
+    write_params(project, data={"source": "imagefolder", "root": str(root), "shards": shards, "shard_images": 8,
+                                **data}, backbone=BACKBONE)
+    workspace = Workspace(project)
+    prepare.run(project_params(project), workspace, progress=False)
+    return workspace
+
+
+def test_shards_hold_every_file_and_decode_as_the_in_memory_source(tmp_path: Path, folder: Path) -> None:
+    workspace = prepared(tmp_path, folder, shards=True)
+    out = workspace.of("prepare")
+    sharded = read_image_set(out, "train")
+    memory = load_split(DataConfig(source="imagefolder", root=folder), "train", 16)
+    split_order = json.loads((out / "tasks.json").read_text())["split"]["class_order"]
+    assert split_order != sorted(split_order)  # a real permutation: labels are not the folders' order
+    assert isinstance(sharded, ShardedImageSet) and len(sharded) == len(memory)
+    assert sharded.class_names == [memory.class_names[c] for c in split_order]
+    # one class per shard, at most shard_images each; WebDataset members: <class>/<n>.{jpg,png,path}
+    tars = sorted((out / "shards" / "train").rglob("*.tar"))
+    assert len(tars) == sum(-(-20 // 8) for _ in range(10))
+    with tarfile.open(tars[0]) as tar:
+        names = tar.getnames()
+    assert names[:2] == ["digit-0/000000.jpg", "digit-0/000000.path"] and len(names) == 16
+    # the same images and labels in the same order as the in-memory layout (exact: libjpeg-turbo both ways)
+    relabelled = {name: k for k, name in enumerate(sharded.class_names)}
+    expected = torch.tensor([relabelled[memory.class_names[int(c)]] for c in memory.labels])
+    images, labels = next(device_batches(sharded, 10_000, torch.device("cpu")))
+    assert torch.equal(labels, expected) and torch.equal(sharded.labels, expected)
+    assert torch.equal(images, memory.images)
+    assert torch.equal(sharded.first(3), memory.images[:3])
+    verify_shards(out, "train")
+
+
+def test_batches_match_the_in_memory_loader_for_any_workers_and_ranks(tmp_path: Path, folder: Path) -> None:
+    from promptcil.distributed import Ranks
+
+    sharded = read_image_set(prepared(tmp_path / "s", folder, shards=True).of("prepare"), "train")
+    memory = read_image_set(prepared(tmp_path / "m", folder, shards=False).of("prepare"), "train")
+    task = [0, 1]
+    for workers in (0, 2):
+        for ranks in (None, Ranks(1, 2, 0)):
+            got = list(device_batches(subset(sharded.with_loading("cpu", workers), task), 7, torch.device("cpu"),
+                                      shuffle=True, seed=3, ranks=ranks))
+            want = list(device_batches(subset(memory, task), 7, torch.device("cpu"), shuffle=True, seed=3, ranks=ranks))
+            assert len(got) == len(want)
+            for (a, x), (b, y) in zip(got, want):
+                assert torch.equal(a, b) and torch.equal(x, y)
+    # a task's loader opens only its own classes' shards
+    opened = {sharded.shards[int(s)] for s in subset(sharded, task).shard}
+    assert opened == {s for s in sharded.shards if s.split("/")[2] in {sharded.class_names[c] for c in task}}
+
+
+def test_pipeline_on_shards_equals_the_pipeline_in_memory(tmp_path: Path, folder: Path) -> None:
+    from stages import evaluate, features, pretrain, prompt_init, prototypes, train
+
+    metrics = {}
+    for shards in (True, False):
+        project = tmp_path / str(shards)
+        workspace = prepared(project, folder, shards=shards)
+        params = project_params(project)
+        for stage in (pretrain, features, prototypes, prompt_init, train):
+            stage.run(params, workspace, progress=False)
+        metrics[shards] = evaluate.run(params, workspace, progress=False)
+    assert metrics[True]["accuracy_matrix"] == metrics[False]["accuracy_matrix"]
+    assert metrics[True]["A_last"] > 0.2  # ten classes: above chance with a random backbone's features
+
+
+def test_a_corrupt_image_stops_prepare_naming_it_and_leaves_nothing(tmp_path: Path, folder: Path) -> None:
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(folder, root)
+    bad = next((root / "train" / "digit-3").glob("*.jpg"))
+    bad.write_bytes(bad.read_bytes()[:60])  # truncated
+    with pytest.raises(DataError, match=f"cannot read image {bad}"):
+        prepared(tmp_path / "p", root, shards=True)
+    left = tmp_path / "p" / "outputs" / "prepare"
+    assert not list(left.rglob("*.tar")) and not list(left.glob("*.shards.*"))
+
+
+def test_a_damaged_shard_names_the_original_file(tmp_path: Path, folder: Path) -> None:
+    out = prepared(tmp_path, folder, shards=True).of("prepare")
+    data = read_image_set(out, "train").with_loading("cpu", 0)
+    i = 5
+    shard = out / data.shards[int(data.shard[i])]
+    raw = bytearray(shard.read_bytes())
+    start = int(data.offset[i])
+    raw[start:start + int(data.size[i])] = bytes(int(data.size[i]))  # the image's bytes zeroed
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"shard .* differs from its index"):
+        verify_shards(out, "train")
+    with pytest.raises(DataError, match=r"cannot decode image train/digit-\d/\d+\.(jpg|png) in shard"):
+        list(device_batches(data, 64, torch.device("cpu")))
+
+
+def test_sources_that_cannot_be_sharded_say_so(tmp_path: Path) -> None:
+    from stages import prepare
+
+    write_params(tmp_path, data={"source": "digits", "shards": True}, backbone=BACKBONE)
+    with pytest.raises(DataError, match="data.shards: source 'digits' cannot be sharded"):
+        prepare.run(project_params(tmp_path), Workspace(tmp_path), progress=False)
+
+
+def test_switching_layout_leaves_no_stale_files(tmp_path: Path, folder: Path) -> None:
+    out = prepared(tmp_path, folder, shards=True).of("prepare")
+    assert (out / "train.shards.safetensors").exists()
+    prepared(tmp_path, folder, shards=False)
+    assert not (out / "shards").exists() and not (out / "train.shards.safetensors").exists()
+    assert not isinstance(read_image_set(out, "train"), ShardedImageSet)
