@@ -145,7 +145,7 @@ def harness_rates(args: argparse.Namespace) -> dict[str, float]:
 def backbone_overrides(args: argparse.Namespace) -> dict[str, int]:
     if args.quick:
         return {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 3}
-    return {"img_size": args.size}
+    return {"img_size": args.size, "patch_size": 16}
 
 
 def write_params(workspace: Path, root: Path, args: argparse.Namespace, **train: Any) -> None:
