@@ -51,6 +51,10 @@ def _entering_tokens_labelled(
         yield cls, entering, labels.to(device, non_blocking=True)
 
 
+TOKEN_BATCH_BYTES = 256 * 2**20
+"""Token-sample batches are cut to about this many bytes of output (each of _HostSink's staging slots)."""
+
+
 class _HostSink:
     """Device results to host memory batch by batch, the GPU never waiting on the host.
 
@@ -173,6 +177,10 @@ def block_token_sample(
     the last block, for a (small) sample of images: what the token-space initialisers (sampled_tokens,
     SPT) and SHIP's attribute prototypes draw from."""
     patches = backbone.patch_embed.num_patches
+    # an image's tokens are (depth + 1) x patches x D floats (7.8 MB for ViT-B/16 at 224 px): a few dozen per
+    # batch keep the GPU busy, where a full batch of 256 made 6 GB of page-locked staging for 3 slots
+    batch_size = max(1, min(batch_size, len(data), TOKEN_BATCH_BYTES // (4 * (len(backbone.blocks) + 1) * patches
+                                                                         * backbone.embed_dim)))
     sink = _HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(data), batch_size,
                      device)
     for _, entering in _entering_tokens(backbone, data, batch_size, device, with_output=True):

@@ -94,7 +94,10 @@ class ClassGaussians(nn.Module):
         mean = self._sum[:new_classes] / count
         covariance = (self._outer[:new_classes] - count[:, :, None] * mean[:, :, None] * mean[:, None, :]) / (
             count[:, :, None] - 1)
-        eigenvalues, vectors = torch.linalg.eigh(covariance)  # ascending
+        # on the CPU (LAPACK, float64): CUDA's batched eigh failed to converge on an H200 for the near-singular
+        # covariance of a random-init ViT-B's features (error 762); once per task, D x D, and the same result on
+        # every device
+        eigenvalues, vectors = (t.to(covariance.device) for t in torch.linalg.eigh(covariance.cpu()))  # ascending
         # an eigenvector's sign is arbitrary, and float rounding (another BLAS, sums in another order across
         # ranks) can flip it, which flips every feature drawn from it: fix it (largest component positive)
         largest = vectors.abs().argmax(dim=1, keepdim=True)
