@@ -162,3 +162,38 @@ def test_switching_layout_leaves_no_stale_files(tmp_path: Path, folder: Path) ->
     prepared(tmp_path, folder, shards=False)
     assert not (out / "shards").exists() and not (out / "train.shards.safetensors").exists()
     assert not isinstance(read_image_set(out, "train"), ShardedImageSet)
+
+
+def test_a_sharded_project_registers_and_retrains_on_an_incoming_class(tmp_path: Path, folder: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch,
+                                                                      prefect_harness: None) -> None:
+    """Register from shards (the version carries the test split decoded), approve, then a retrain reads only
+    the incoming class folder and adds it as one new task."""
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from flows.retrain import retrain
+    from promptcil import tracking
+
+    from conftest import run_stages
+
+    root = tmp_path / "data"
+    for split in ("train", "test"):  # the project knows digits 0-7; digit 8 arrives later
+        for k in range(8):
+            shutil.copytree(folder / split / f"digit-{k}", root / split / f"digit-{k}")
+    incoming = tmp_path / "project" / "incoming" / "digit-8"
+    shutil.copytree(folder / "train" / "digit-8", incoming)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    project = tmp_path / "project"
+    project.mkdir(exist_ok=True)
+    write_params(project, data={"source": "imagefolder", "root": str(root), "shards": True, "shard_images": 8},
+                 backbone=BACKBONE, registry={"gate": {"min_A_last": None, "max_forgetting": None,
+                                                       "min_newest_task_accuracy": None, "min_base_accuracy": None}})
+    first = run_stages(project)["registration"]
+    tracking.configure()
+    tracking.approve("promptcil", first["version"], reviewer="test")
+    result = retrain(str(project))
+    assert result["status"] == "registered" and result["new_classes"] == ["digit-8"]
+    version = MlflowClient().get_model_version("promptcil", result["version"])
+    assert version.tags["review"] == "pending"
