@@ -49,6 +49,8 @@ def drop_other_layout(folder: Path, sharded: bool) -> None:
     """Remove what a prepare of the other layout left in `folder` (readers prefer shards when an index exists)."""
     import shutil
 
+    if not Path(folder).is_dir():  # nothing there (or not a folder: writing will say so, in one line)
+        return
     for split in ("train", "test"):
         stale = [index_file(folder, split)] if not sharded else [Path(folder) / f"{split}.safetensors"]
         for path in stale:
