@@ -19,7 +19,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     out = workspace.out("prepare")
     drop_other_layout(out, p.data.shards)
     if p.data.shards:
-        return prepare_shards(p, out)
+        return prepare_shards(p, out, progress=progress)
     train = load_split(p.data, "train", p.backbone.img_size)
     test = load_split(p.data, "test", p.backbone.img_size)
     split = make_task_split(
@@ -36,7 +36,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     return summary
 
 
-def prepare_shards(p: Params, out: Path) -> dict:
+def prepare_shards(p: Params, out: Path, *, progress: bool = False) -> dict:
     """Each split's files packed into shards (checked by decoding each once); no image is held in memory."""
     files = {split: list_files(p.data, split) for split in ("train", "test")}
     names = list(files["train"])
@@ -46,7 +46,7 @@ def prepare_shards(p: Params, out: Path) -> dict:
     counts = {}
     for name in ("train", "test"):
         manifest = write_shards(out, name, files[name], list(split.class_order), size, p.data.shard_images,
-                                p.data.source)
+                                p.data.source, progress=progress)
         counts[name] = {"samples": sum(s["images"] for s in manifest["metadata"]["shards"]),
                         "shards": len(manifest["metadata"]["shards"]), "sha256": manifest["sha256"]}
     summary = {"split": split.to_dict(), "num_tasks": split.num_tasks,

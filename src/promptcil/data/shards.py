@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from promptcil.artifacts import ArtifactKind, load_tensors, save_tensors, sha256_file
 from promptcil.errors import DataError
@@ -66,7 +67,7 @@ class ShardedImageSet:
     image_size: int
     """Every image comes out at image_size x image_size (stretched, as the in-memory imagefolder source)."""
     decode: str = "auto"
-    """auto (GPU when the batches go to a GPU), cpu (in loader workers), gpu (nvjpeg)."""
+    """auto (GPU when the batches go to a GPU), cpu (in the loader's threads), gpu (nvjpeg)."""
     workers: int | None = None
     """Loader threads (default: min(8, CPUs))."""
     channels: int = field(default=3, init=False)
@@ -90,7 +91,7 @@ class ShardedImageSet:
 
 
 def write_shards(folder: Path, split: str, files: dict[str, list[Path]], class_order: list[int], image_size: int,
-                 shard_images: int, source: str) -> dict[str, Any]:
+                 shard_images: int, source: str, *, progress: bool = False) -> dict[str, Any]:
     """Check and pack the files of the classes in `class_order` (indices into `files`; label k is class_order[k])
     into shards under `folder/shards/<split>/`, then write the index. Every file is decoded
     once to check it; a file that does not decode stops the stage naming it, and nothing is left (the shards
@@ -107,9 +108,15 @@ def write_shards(folder: Path, split: str, files: dict[str, list[Path]], class_o
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{split}."))
     try:
-        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:  # decoding to check: every core
-            members = list(pool.map(_pack_shard, [staging / name / f"{n:05d}.tar" for _, name, n, _ in jobs],
-                                    [paths for *_, paths in jobs], [name for _, name, _, _ in jobs]))
+        with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool, Progress(  # decoding to check: every core
+                TextColumn(f"[bold]{split} shards"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                TimeElapsedColumn(), disable=not progress, transient=True) as bar:
+            bar_id = bar.add_task(split, total=sum(len(paths) for *_, paths in jobs))
+            members = []
+            for entries in pool.map(_pack_shard, [staging / name / f"{n:05d}.tar" for _, name, n, _ in jobs],
+                                    [paths for *_, paths in jobs], [name for _, name, _, _ in jobs]):
+                members.append(entries)
+                bar.advance(bar_id, len(entries))
         if final.exists():
             _remove_tree(final)
         os.replace(staging, final)
