@@ -160,6 +160,9 @@ def test_predict_prints_the_evaluate_stage_labels(project, logged_model, pipelin
     assert "alias nope not found" in one_line_error(
         runner.invoke(app, ["predict", "models:/promptcil@nope", str(files[0])]), 1
     )
+    assert "is a file, not a model; the model comes first" in one_line_error(
+        runner.invoke(app, ["predict", str(files[0]), str(files[1])]), 3  # images first: the usual slip
+    )
 
 
 # ---------------------------------------------------------------- serve

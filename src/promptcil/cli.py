@@ -188,6 +188,9 @@ def predict(
     from promptcil.errors import ArtifactError
 
     with _one_line_errors():
+        if Path(model_uri).is_file():  # the usual slip: images first
+            raise DataError(f"model_uri: {model_uri} is a file, not a model; the model comes first: "
+                            "promptcil predict models:/promptcil@champion IMAGE...")
         files = np.empty(len(images), dtype=object)  # the files' bytes: the model's `image` input
         for i, path in enumerate(images):
             try:
