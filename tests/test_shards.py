@@ -197,3 +197,17 @@ def test_a_sharded_project_registers_and_retrains_on_an_incoming_class(tmp_path:
     assert result["status"] == "registered" and result["new_classes"] == ["digit-8"]
     version = MlflowClient().get_model_version("promptcil", result["version"])
     assert version.tags["review"] == "pending"
+
+
+def test_the_nvjpeg_path_assembles_the_same_batches(tmp_path: Path, folder: Path) -> None:
+    """The GPU decode path's own code (JPEGs as one decode_jpeg call, PNGs decoded first, the batch stacked
+    and resized) run with decode_jpeg's CPU device: the same batches as the threads' per-image decode. The
+    nvjpeg kernel itself needs a GPU (tests/test_data.py's CUDA tests, bench/data_scale.py)."""
+    from promptcil.data.shards import _ShardReader
+
+    data = read_image_set(prepared(tmp_path, folder, shards=True, image_size=24).of("prepare"), "train")
+    rows = list(range(len(data)))
+    via_batch, labels = _ShardReader(data, gpu=torch.device("cpu"))[rows]
+    one_by_one, same_labels = _ShardReader(data)[rows]
+    assert via_batch.shape == (len(data), 3, 24, 24) and torch.equal(labels, same_labels)
+    assert torch.equal(via_batch, one_by_one)

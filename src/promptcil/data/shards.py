@@ -81,7 +81,7 @@ class ShardedImageSet:
 
     def first(self, n: int) -> torch.Tensor:
         """The first `n` images decoded on the CPU: (n, 3, S, S) uint8 (examples, FLOP counts)."""
-        return _ShardReader(self, decode_here=True)[list(range(min(n, len(self))))][0]
+        return _ShardReader(self)[list(range(min(n, len(self))))][0]
 
     def with_loading(self, decode: str, workers: int | None) -> ShardedImageSet:
         return replace(self, decode=decode, workers=workers)
@@ -212,20 +212,18 @@ def gpu_decode(data: ShardedImageSet, device: torch.device) -> bool:
 def sharded_batches(data: ShardedImageSet, batches: Iterable[list[int]], device: torch.device,
                     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(uint8 (B, 3, S, S), labels) on `device` for each list of indices in `batches`. Loader threads read the
-    bytes (and decode them, unless nvjpeg does on the GPU): libjpeg-turbo's decode and the file reads release
-    the GIL, so threads decode in parallel without worker processes to start, feed or fork from a process
-    full of threads (Prefect's, Dask's). At most `workers` + 2 batches are in flight."""
+    bytes and decode them, with libjpeg-turbo or, on the GPU, with nvjpeg: both release the GIL, so threads
+    decode in parallel, and the decoding (nvjpeg's host-side part included) overlaps the model's work queued
+    by this thread, without worker processes to start, feed or fork from a process full of threads (Prefect's,
+    Dask's). At most `workers` + 2 batches are in flight."""
     from promptcil.data.loader import to_device_ahead
 
     on_gpu = gpu_decode(data, device)
     workers = data.workers if data.workers is not None else min(8, os.cpu_count() or 1)
-    reader = _ShardReader(data, decode_here=not on_gpu, pin=device.type == "cuda")
+    reader = _ShardReader(data, pin=device.type == "cuda", gpu=device if on_gpu else None)
     ready = _read_ahead(reader, batches, workers)
-    if not on_gpu:
-        yield from to_device_ahead(ready, device)
-        return
-    for payloads, labels, where in ready:
-        yield _decode_on_gpu(data, payloads, where, device), labels.to(device, non_blocking=True)
+    # decoded on the GPU: already there, on the device's default stream, which the model's work follows
+    yield from ready if on_gpu else to_device_ahead(ready, device)
 
 
 def _read_ahead(reader: _ShardReader, batches: Iterable[list[int]], workers: int) -> Iterator[Any]:
@@ -250,10 +248,11 @@ def _read_ahead(reader: _ShardReader, batches: Iterable[list[int]], workers: int
 
 class _ShardReader:
     """A whole batch per list of indices: each image's bytes read with one pread from its shard (file handles
-    opened once, shared by the threads), decoded here (`decode_here`) or returned encoded for nvjpeg."""
+    opened once, shared by the threads), decoded on the CPU (into pinned memory with `pin`) or, with `gpu`,
+    by nvjpeg on that device."""
 
-    def __init__(self, data: ShardedImageSet, decode_here: bool, pin: bool = False) -> None:
-        self.data, self.decode_here, self.pin = data, decode_here, pin
+    def __init__(self, data: ShardedImageSet, pin: bool = False, gpu: torch.device | None = None) -> None:
+        self.data, self.pin, self.gpu = data, pin, gpu
         self._files: dict[int, int] = {}
         self._opening = threading.Lock()
 
@@ -274,14 +273,14 @@ class _ShardReader:
     def __getitem__(self, indices: list[int]) -> Any:
         payloads = [self._read(i) for i in indices]
         labels = self.data.labels[indices]
-        if self.decode_here:
-            size = self.data.image_size
-            images = [_decode_cpu(self.data, p, i, size) for p, i in zip(payloads, indices)]
-            out = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=self.pin)
-            return torch.stack(images, out=out), labels  # pinned: the copy to the GPU runs asynchronously
-        # nvjpeg takes the JPEGs; anything else (PNG) is decoded here
-        return ([p if p[:2].tolist() == list(JPEG_MAGIC) else _decode_cpu(self.data, p, i, None)
-                 for p, i in zip(payloads, indices)], labels, indices)
+        if self.gpu is not None:  # nvjpeg takes the JPEGs; anything else (PNG) is decoded on the CPU first
+            payloads = [p if p[:2].tolist() == list(JPEG_MAGIC) else _decode_cpu(self.data, p, i, None)
+                        for p, i in zip(payloads, indices)]
+            return _decode_on_gpu(self.data, payloads, indices, self.gpu), labels.to(self.gpu)
+        size = self.data.image_size
+        images = [_decode_cpu(self.data, p, i, size) for p, i in zip(payloads, indices)]
+        out = torch.empty((len(images), *images[0].shape), dtype=torch.uint8, pin_memory=self.pin)
+        return torch.stack(images, out=out), labels  # pinned: the copy to the GPU runs asynchronously
 
 
 def _decode_cpu(data: ShardedImageSet, payload: torch.Tensor, i: int, size: int | None) -> torch.Tensor:
