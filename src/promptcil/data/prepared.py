@@ -10,6 +10,7 @@ from promptcil.artifacts import ArtifactKind, load_tensors, manifest_path, read_
 from promptcil.data.shards import SHARD_DIR, ShardedImageSet, index_file, read_shards
 from promptcil.data.sources import ImageSet
 from promptcil.data.tasks import TaskSplit
+from promptcil.provenance import artifact_sha256
 
 TASKS_FILE = "tasks.json"
 
@@ -33,7 +34,7 @@ def images_sha256(folder: Path, split: str) -> str:
     shards, the sha256 of the index's together with every shard's (a changed shard changes it)."""
     index = index_file(folder, split)
     if not index.exists():
-        return read_json(manifest_path(Path(folder) / f"{split}.safetensors"))["sha256"]
+        return artifact_sha256(Path(folder) / f"{split}.safetensors")
     manifest = read_json(manifest_path(index))
     names = [manifest["sha256"], *(shard["sha256"] for shard in manifest["metadata"]["shards"])]
     return hashlib.sha256(" ".join(names).encode()).hexdigest()

@@ -21,13 +21,14 @@ shards.
 from __future__ import annotations
 
 import os
+import shutil
 import tarfile
 import tempfile
 import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,6 @@ class ShardedImageSet:
     """auto (GPU when the batches go to a GPU), cpu (in the loader's threads), gpu (nvjpeg)."""
     workers: int | None = None
     """Loader threads (default: min(8, CPUs))."""
-    channels: int = field(default=3, init=False)
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -113,20 +113,19 @@ def write_shards(folder: Path, split: str, files: dict[str, list[Path]], class_o
                 TimeElapsedColumn(), disable=not progress, transient=True) as bar:
             bar_id = bar.add_task(split, total=sum(len(paths) for *_, paths in jobs))
             members = []
-            for entries in pool.map(_pack_shard, [staging / name / f"{n:05d}.tar" for _, name, n, _ in jobs],
-                                    [paths for *_, paths in jobs], [name for _, name, _, _ in jobs]):
-                members.append(entries)
-                bar.advance(bar_id, len(entries))
+            for packed in pool.map(_pack_shard, [staging / name / f"{n:05d}.tar" for _, name, n, _ in jobs],
+                                   [paths for *_, paths in jobs], [name for _, name, _, _ in jobs]):
+                members.append(packed)  # (each image's offset and size, the shard's sha256)
+                bar.advance(bar_id, len(packed[0]))
         if final.exists():
-            _remove_tree(final)
+            shutil.rmtree(final)
         os.replace(staging, final)
     except BaseException:
-        _remove_tree(staging)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     shard, offset, size, labels, shards = [], [], [], [], []
-    for number, ((label, name, n, _), entries) in enumerate(zip(jobs, members)):
-        rel = f"{SHARD_DIR}/{split}/{name}/{n:05d}.tar"
-        shards.append({"path": rel, "images": len(entries), "sha256": sha256_file(Path(folder) / rel)})
+    for number, ((label, name, n, _), (entries, digest)) in enumerate(zip(jobs, members)):
+        shards.append({"path": f"{SHARD_DIR}/{split}/{name}/{n:05d}.tar", "images": len(entries), "sha256": digest})
         for start, length in entries:
             shard.append(number)
             offset.append(start)
@@ -140,8 +139,9 @@ def write_shards(folder: Path, split: str, files: dict[str, list[Path]], class_o
                   "shards": shards})
 
 
-def _pack_shard(path: Path, files: list[Path], class_name: str) -> list[tuple[int, int]]:
-    """Write one shard of `files` (one class) with WebDataset's TarWriter; returns each image's (offset, size)."""
+def _pack_shard(path: Path, files: list[Path], class_name: str) -> tuple[list[tuple[int, int]], str]:
+    """Write one shard of `files` (one class) with WebDataset's TarWriter; returns each image's (offset, size)
+    and the shard's sha256 (hashed here, in parallel with the other shards, while its pages are cached)."""
     import webdataset as wds
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,8 @@ def _pack_shard(path: Path, files: list[Path], class_name: str) -> list[tuple[in
             # the original file, relative to data.root, for messages about this image
             sink.write({"__key__": key, extension: payload, "path": "/".join(file.parts[-3:]).encode()})
     with tarfile.open(path) as tar:
-        return [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
+        entries = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith((".jpg", ".png"))]
+    return entries, sha256_file(path)
 
 
 def checked_payload(file: Path) -> tuple[bytes, str]:
@@ -176,12 +177,6 @@ def checked_payload(file: Path) -> tuple[bytes, str]:
             raise DataError(f"data.root: cannot read image {file}: {one_line(err)}") from err
     rgb = torch.from_numpy(read_rgb_image(file, None).copy()).permute(2, 0, 1).contiguous()
     return encode_png(rgb).numpy().tobytes(), "png"
-
-
-def _remove_tree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- reading
@@ -310,7 +305,7 @@ def _decode_on_gpu(data: ShardedImageSet, payloads: list[torch.Tensor], indices:
             images[k] = image
     size = data.image_size
     if all(image.shape[-2:] == images[0].shape[-2:] for image in images):
-        batch = torch.stack(images)  # one size: DevicePreprocess resizes the batch at once if needed
+        batch = torch.stack(images)  # one size: one resize for the whole batch, none when it is image_size already
         return batch if batch.shape[-1] == size and batch.shape[-2] == size else resize_batch(batch, size)
     return torch.stack([resize_one(image, size) for image in images])
 
