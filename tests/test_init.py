@@ -55,6 +55,17 @@ def test_token_sample_holds_every_token_entering_every_block_for_task0_images(ta
     assert not torch.equal(sample[0], sample[1])  # block 1's input is block 0's output, not the embedding
 
 
+def test_token_sample_batches_bounded_by_bytes_give_the_same_tokens(task0_stats, digits_tasks, monkeypatch):
+    """Big images' tokens are taken a few images at a time (TOKEN_BATCH_BYTES): the same sample either way."""
+    import promptcil.features as features
+
+    per_image = 4 * 5 * 16 * 48  # (depth + 1) x patches x width float32 of the tiny backbone
+    monkeypatch.setattr(features, "TOKEN_BATCH_BYTES", 3 * per_image)  # batches of 3 images, not 256
+    sample = sample_images(digits_tasks.train, digits_tasks.split.task_classes(0), 32, seed=0)
+    small_batches = block_token_sample(tiny_random_backbone(), sample, 256, torch.device("cpu"))
+    assert torch.allclose(small_batches, task0_stats["block_token_sample"], atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "method", [{"name": "vpt", "vpt": {"length": 6}}, {"name": "vpt", "vpt": {"length": 6, "deep": False}}])
 def test_spt_kmeans_slots_are_scikit_learn_centres_of_the_tokens_entering_each_block(
