@@ -248,11 +248,15 @@ def figures(workspace: Path, flow: dict[str, Any], rates: dict[str, float]) -> d
 
 def decode_on_cpu(workspace: Path, env: dict[str, str]) -> dict[str, Any]:
     """The features stage again with data.decode: cpu (loader workers decode), for the GPU-vs-CPU decode choice."""
-    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    original = (workspace / "params.yaml").read_text()
+    params = yaml.safe_load(original)
     params["data"]["decode"] = "cpu"
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run([sys.executable, "-m", "stages.features", "--root", str(workspace), "--no-progress"], cwd=REPO,
-                   env=env, check=True, capture_output=True)
+    try:
+        subprocess.run([sys.executable, "-m", "stages.features", "--root", str(workspace), "--no-progress"],
+                       cwd=REPO, env=env, check=True, capture_output=True)
+    finally:  # the compile part after this compares with the flow's own (eager) run: same decode
+        (workspace / "params.yaml").write_text(original)
     record = json.loads((workspace / "outputs" / RECORDS["features"]).read_text())
     return {"img_per_s": record["samples"] / record["seconds"], "seconds": record["seconds"]}
 
