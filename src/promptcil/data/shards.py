@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import islice
@@ -70,7 +70,7 @@ class ShardedImageSet:
     decode: str = "auto"
     """auto (GPU when the batches go to a GPU), cpu (in the loader's threads), gpu (nvjpeg)."""
     workers: int | None = None
-    """Loader threads (default: min(8, CPUs))."""
+    """Loader threads (default: the CPUs but one, shared among a machine's torchrun processes)."""
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -214,27 +214,53 @@ def sharded_batches(data: ShardedImageSet, batches: Iterable[list[int]], device:
     from promptcil.data.loader import to_device_ahead
 
     on_gpu = gpu_decode(data, device)
-    workers = data.workers if data.workers is not None else min(8, os.cpu_count() or 1)
+    workers = data.workers if data.workers is not None else default_loader_threads()
     reader = _ShardReader(data, pin=device.type == "cuda", gpu=device if on_gpu else None)
-    ready = _read_ahead(reader, batches, workers)
-    # decoded on the GPU: already there, on the device's default stream, which the model's work follows
-    yield from ready if on_gpu else to_device_ahead(ready, device)
+    if not on_gpu:
+        yield from to_device_ahead(_read_ahead(reader.__getitem__, batches, workers), device)
+        return
+    streams = threading.local()
+
+    def on_side_stream(batch: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]:
+        # torchvision's nvjpeg call makes the calling thread's current stream wait for the decode: on the default
+        # stream that would hold back the model's kernels queued meanwhile, so each loader thread has its own
+        if not hasattr(streams, "stream"):
+            streams.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(streams.stream):
+            images, labels = reader[batch]
+            done = torch.cuda.Event()
+            done.record()
+        return images, labels, done
+
+    for images, labels, done in _read_ahead(on_side_stream, batches, workers):
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(done)
+        images.record_stream(stream)  # made on the loader's stream, read on this one: the allocator must know
+        labels.record_stream(stream)
+        yield images, labels
 
 
-def _read_ahead(reader: _ShardReader, batches: Iterable[list[int]], workers: int) -> Iterator[Any]:
-    """reader[batch] for each batch in order, `workers` threads ahead."""
+def default_loader_threads() -> int:
+    """Every CPU this process may use but one (for the thread that queues the model's work), shared among the
+    processes torchrun started on this machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")) - 1)
+
+
+def _read_ahead(load: Callable[[list[int]], Any], batches: Iterable[list[int]], workers: int) -> Iterator[Any]:
+    """load(batch) for each batch in order, `workers` threads ahead."""
     if workers == 0:
-        yield from (reader[batch] for batch in batches)
+        yield from (load(batch) for batch in batches)
         return
     todo = iter(batches)
     with ThreadPoolExecutor(workers, thread_name_prefix="promptcil-loader") as pool:
-        pending = deque(pool.submit(reader.__getitem__, batch) for batch in islice(todo, workers + 2))
+        pending = deque(pool.submit(load, batch) for batch in islice(todo, workers + 2))
         try:
             while pending:
                 done = pending.popleft().result()
                 following = next(todo, None)
                 if following is not None:
-                    pending.append(pool.submit(reader.__getitem__, following))
+                    pending.append(pool.submit(load, following))
                 yield done
         finally:  # an abandoned or failed pass: drop what was queued, wait only for what is running
             for future in pending:
