@@ -170,6 +170,29 @@ def test_two_dask_workers_give_the_one_worker_table_though_a_worker_dies(prefect
     assert [numbers(r) for r in again["rows"]] == [numbers(r) for r in two["rows"]]
 
 
+def test_local_workers_report_to_the_flows_temporary_prefect_server(tmp_path):
+    """From the command line with no Prefect server configured, the flow starts one temporary API and the two
+    Dask workers report their task runs to it; a worker that started its own (Prefect's default when its
+    environment names no API) delayed its first run (24 s on a GPU machine) and kept its runs out of the flow's
+    sight."""
+    import os
+
+    params_dir = tmp_path / "protocol"
+    params_dir.mkdir()
+    write_params(params_dir)
+    spec = tmp_path / "tiny.yaml"
+    write_spec(spec, params_dir / "params.yaml", {"SimpleCIL": VARIANTS["SimpleCIL"]})
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {
+        "PREFECT_HOME": str(tmp_path / "prefect"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "flows.study", str(spec), "--workers", "2", "--seeds", "0", "1",
+                           "--threads", "1", "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout + done.stderr
+    assert log.count("Starting temporary server") == 1, log[-3000:]
+    assert len(list((tmp_path / "work").rglob("result.json"))) == 2
+
+
 def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_path):
     params_dir = tmp_path / "protocol"
     params_dir.mkdir()

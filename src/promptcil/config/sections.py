@@ -227,7 +227,7 @@ class DataBase(Section):
         "threads), cpu (the loader's threads, libjpeg-turbo), auto (gpu when the model runs on CUDA).")
     loader_workers: int | None = Field(
         None, ge=0, description="Loader threads that read (and with decode cpu decode) sharded images "
-        "(default: the CPUs but one, shared among a machine's torchrun processes); 0 reads in the calling thread.")
+        "(default: min(8, CPUs), the CPUs shared among a machine's torchrun processes); 0 reads in the calling thread.")
 
     @field_validator("class_order")
     @classmethod
