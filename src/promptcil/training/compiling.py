@@ -2,9 +2,10 @@
 artifacts are kept so that the next task, the next run and the next process reuse them.
 
 `auto` compiles on CUDA when the run trains for at least AUTO_MIN_STEPS optimizer steps. The basis
-(docs/performance.md): on ViT-B/16 at batch 256 a compiled APT step is 1.28-1.30x eager (~15 ms of a
-~70 ms step saved), and a cold compilation costs ~60 s in the first task: about 4000 steps to repay it;
-with the compile cache warm (a second run) it costs seconds, so the bar is set at half of that.
+(docs/performance.md, H200, ViT-B/16, batch 256): a compiled APT step saves ~13-15 ms; compiling costs
+85 s in the first task with an empty cache and still 28 s with a warm one (the cache keeps the kernels,
+Dynamo still traces): repaid after ~6000 steps cold, ~2000 warm. The bar is the cold one, so that a first
+run on a fresh machine is not made slower by the default.
 On a CPU compilation is never automatic (inductor's C++ build is minutes against seconds of training).
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-AUTO_MIN_STEPS = 2000
+AUTO_MIN_STEPS = 6000
 
 
 def should_compile(setting: bool | str, device: torch.device, steps: int) -> bool:
