@@ -332,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--quick", action="store_true", help="CPU smoke test: 600 and 1200 images, a tiny ViT")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON folder (default %(default)s)")
     args = p.parse_args(argv)
+    args.work, args.fm_root = args.work.resolve(), args.fm_root.resolve()  # written into params.yaml files: absolute
     if args.quick:
         args.sizes, args.test, args.size, args.model, args.batch_size = [600, 1200], 200, 32, "vit_tiny_patch16_224", 64
         args.parts = args.parts.replace(",compile", "")  # inductor's C++ build on a CPU: minutes (ask for it)

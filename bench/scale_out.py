@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--work", type=Path, default=Path("/tmp/promptcil-scale-out"), help="(default %(default)s)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results", help="JSON folder (default %(default)s)")
     args = p.parse_args(argv)
-    args.data_root = args.data_root or Path("/usr/share/datasets/fashion-mnist")
+    args.data_root = (args.data_root or Path("/usr/share/datasets/fashion-mnist")).resolve()
+    args.work = args.work.resolve()  # the stages and the study run with other working folders: absolute paths
     if args.quick:
         args.device, args.skip_study = "cpu", True
     import torch
