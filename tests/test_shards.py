@@ -216,15 +216,20 @@ def test_the_nvjpeg_path_assembles_the_same_batches(tmp_path: Path, folder: Path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_nvjpeg_batches_match_the_cpu_decode_while_the_gpu_is_busy(tmp_path: Path, folder: Path) -> None:
     """decode gpu (nvjpeg on each loader thread's own stream) against decode cpu: the same labels and, up to the
-    two decoders' rounding, the same pixels, with every batch read while a long matmul chain is still queued on
-    the consuming stream (a batch used before its decode finished, or its memory reused too early, differs)."""
+    two decoders' rounding, the same pixels. Each batch is copied on the consuming stream behind a queued matmul
+    chain and then dropped, with no synchronisation until the end: a batch whose memory went back to the
+    loader's stream too early (no record_stream) would be overwritten by a later decode before its copy ran."""
     data = read_image_set(prepared(tmp_path, folder, shards=True, image_size=24).of("prepare"), "train")
     cuda = torch.device("cuda")
     reference = list(device_batches(data.with_loading("cpu", 2), 8, cuda))
     busy = torch.randn(2048, 2048, device=cuda)
-    for (images, labels), (expected, expected_labels) in zip(device_batches(data.with_loading("gpu", 2), 8, cuda),
-                                                             reference, strict=True):
+    kept = []
+    for images, labels in device_batches(data.with_loading("gpu", 2), 8, cuda):
         for _ in range(20):
             busy = busy @ busy / busy.norm()
+        kept.append((images.clone(), labels.clone()))
+        del images, labels
+    assert len(kept) == len(reference)
+    for (images, labels), (expected, expected_labels) in zip(kept, reference):
         assert torch.equal(labels, expected_labels)
         assert (images.float() - expected.float()).abs().mean() < 2.0

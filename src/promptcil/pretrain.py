@@ -60,7 +60,8 @@ def pretrain_backbone(
     preprocess = DevicePreprocess.from_model(model).to(device)
     if ranks.distributed:  # timm's class token gets a strided gradient (a 1 x D view): harmless, DDP warns
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    forward = model if not ranks.distributed else DistributedDataParallel(  # gradients live in DDP's buckets:
+    # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not copied into them
+    forward = model if not ranks.distributed else DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     p = cfg.pretrain
     # on CUDA one fused kernel per step: the optimizer's work is the same on every rank, so its launch
