@@ -140,7 +140,8 @@ def bench_study(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]
                                  "runs_per_hour": 3600 * len(rows) / span,
                                  "runs_by_start": sorted(  # the schedule: which worker ran what, when
                                      ({"run": f"{r['variant']} seed {r['seed']}", "worker": r.get("worker"),
-                                       "window": r["run_window_seconds"]} for r in rows),
+                                       "window": r["run_window_seconds"], "stages": r.get("stage_seconds")}
+                                      for r in rows),
                                      key=lambda r: r["window"][0])}
         print(f"study on {gpus} GPU(s): {len(rows)} runs in {span:.0f} s (wall {wall:.0f} s)", flush=True)
     result["speedup"] = result[f"gpus{args.nproc}"]["runs_per_hour"] / result["gpus1"]["runs_per_hour"]

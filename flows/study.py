@@ -139,8 +139,9 @@ def cluster_runner(cluster: str, workers: int, threads: int):
     machine; `cuda`, a LocalCUDACluster (dask-cuda: one worker per visible GPU, each seeing only its own);
     else the address of a running Dask scheduler (`dask scheduler` + `dask worker ADDRESS` on each machine).
     A local worker's math libraries get `threads` (Dask starts them with 1): a run computes what it computes
-    in a plain pipeline run with as many threads. A local worker reports its task runs to this flow's Prefect
-    API; a remote worker to the PREFECT_API_URL it was started with (docs/scaling.md)."""
+    in a plain pipeline run with as many threads; it imports the runs' modules at start (flows/study_worker.py)
+    and reports its task runs to this flow's Prefect API; a remote worker to the PREFECT_API_URL it was started
+    with (docs/scaling.md)."""
     import dask
     from prefect.client.orchestration import get_client
     from prefect_dask import DaskTaskRunner
@@ -152,6 +153,8 @@ def cluster_runner(cluster: str, workers: int, threads: int):
     # of this flow's; with PREFECT_API_URL set (a team's server) this is that URL, else this process's own
     api_url = str(get_client(sync_client=True).api_url)
     dask.config.set({"distributed.nanny.pre-spawn-environ.PREFECT_API_URL": api_url})
+    # imports and the CUDA context at worker start, while the shared stages run, not in a worker's first run
+    dask.config.set({"distributed.worker.preload": ["flows.study_worker"]})
     if cluster == "local":
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
             "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"})

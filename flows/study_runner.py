@@ -172,6 +172,7 @@ def run_point(point: Point, shared_root: Path, *, probe_first_epoch: bool = Fals
     atomic_write_bytes(point.run_dir / "params.yaml", yaml.safe_dump(point.params, sort_keys=False).encode())
     started, started_at = time.perf_counter(), time.time()
     prompt_init.run(params, workspace, progress=progress)
+    stage_seconds = {"prompt_init": time.perf_counter() - started}
     after_first_epoch: dict[str, torch.Tensor] = {}
 
     def keep_first_epoch(task: int, epoch: int) -> None:
@@ -179,7 +180,9 @@ def run_point(point: Point, shared_root: Path, *, probe_first_epoch: bool = Fals
             after_first_epoch.update(CheckpointStore(workspace.out("train"), {}).first_epoch_state())
 
     log = train.run(params, workspace, progress=progress, on_epoch_end=keep_first_epoch)
+    stage_seconds["train"] = time.perf_counter() - started - sum(stage_seconds.values())
     metrics = evaluate.run(params, workspace, progress=progress)
+    stage_seconds["evaluate"] = time.perf_counter() - started - sum(stage_seconds.values())
     last_state = sorted(workspace.out("train").glob("task_*.safetensors"))[-1]
     result = {
         "A_last": metrics["A_last"],
@@ -200,6 +203,7 @@ def run_point(point: Point, shared_root: Path, *, probe_first_epoch: bool = Fals
         "head_bytes": head_bytes(last_state),
         "seconds_per_task": [t["seconds"] for t in log["log"]],
         "run_seconds": time.perf_counter() - started,
+        "stage_seconds": stage_seconds,
         "run_window_seconds": [started_at, time.time()],  # wall-clock start and end: a grid's span, runs per hour
         # where it ran: a cluster's schedule (which worker took which run, and when) can be read back from the rows
         "worker": f"{socket.gethostname()} pid {os.getpid()} GPUs {os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}",
