@@ -154,13 +154,15 @@ def cluster_runner(cluster: str, workers: int, threads: int):
     api_url = str(get_client(sync_client=True).api_url)
     dask.config.set({"distributed.nanny.pre-spawn-environ.PREFECT_API_URL": api_url})
     # imports and the CUDA context at worker start, while the shared stages run, not in a worker's first run
-    dask.config.set({"distributed.worker.preload": ["flows.study_worker"]})
+    # (a keyword, not dask's config: LocalCUDACluster passes a preload of its own, which would replace it)
+    preload = ["flows.study_worker"]
     if cluster == "local":
         return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs={
-            "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0"})
+            "n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": ":0",
+            "preload": preload})
     if cluster == "cuda":
         return DaskTaskRunner(cluster_class="dask_cuda.LocalCUDACluster", cluster_kwargs={
-            "threads_per_worker": 1, "dashboard_address": ":0"})
+            "threads_per_worker": 1, "dashboard_address": ":0", "preload": preload})
     return DaskTaskRunner(address=cluster)
 
 
