@@ -193,6 +193,19 @@ def test_local_workers_report_to_the_flows_temporary_prefect_server(tmp_path):
     assert len(list((tmp_path / "work").rglob("result.json"))) == 2
 
 
+def test_local_study_workers_start_with_the_runs_modules_imported(prefect_harness):
+    """The workers the study starts import Prefect, torch, timm and the stages before their first task (a
+    Dask preload): on 2 GPUs the worker that had not run the shared stages otherwise began its first run
+    7 s late, inside the grid's span."""
+    from distributed import Client, LocalCluster
+
+    runner = load_flow("study").cluster_runner("local", 1, 1)
+    with LocalCluster(**runner.cluster_kwargs) as cluster, Client(cluster) as client:
+        imported = client.run(lambda: sorted(
+            m for m in ("prefect", "flows.study", "timm", "stages.train", "stages.evaluate") if m in sys.modules))
+    assert list(imported.values()) == [["flows.study", "prefect", "stages.evaluate", "stages.train", "timm"]]
+
+
 def test_study_flow_refuses_a_bad_study_file_in_one_line_before_any_work(tmp_path):
     params_dir = tmp_path / "protocol"
     params_dir.mkdir()
