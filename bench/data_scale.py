@@ -5,6 +5,7 @@ measured in the same run, peak host memory and disk per stage; then train.compil
     python bench/data_scale.py --out DIR                       # the device run: 50 000 and 200 000 JPEGs, ViT-B/16
     python bench/data_scale.py --quick --out DIR               # CPU smoke test: 600 and 1 200 images, a tiny ViT
     python bench/data_scale.py --parts compile --out DIR       # only train.compile, cold then warm cache
+    python bench/data_scale.py --parts decode --sizes 50000 --out DIR   # features: decode cpu, CPU shares of nvjpeg
 
 Images: Fashion-MNIST (Debian's package, or --fm-root) upscaled to --size px, each with its own Gaussian noise
 and brightness, saved as JPEG (quality 90) in train/<class>/ and test/<class>/; the smaller size is hard links
@@ -246,19 +247,23 @@ def figures(workspace: Path, flow: dict[str, Any], rates: dict[str, float]) -> d
     }
 
 
-def decode_on_cpu(workspace: Path, env: dict[str, str]) -> dict[str, Any]:
-    """The features stage again with data.decode: cpu (loader workers decode), for the GPU-vs-CPU decode choice."""
+DECODE_VARIANTS = ({"decode": "cpu"}, {"decode_cpu_share": 0.25}, {"decode_cpu_share": 0.5})
+
+
+def features_with(workspace: Path, env: dict[str, str], data: dict[str, Any]) -> dict[str, Any]:
+    """The features stage again with `data` overriding the flow's data params: decode cpu (the loader's threads
+    decode), or a share of the JPEGs decoded on the CPU beside nvjpeg (data.decode_cpu_share)."""
     original = (workspace / "params.yaml").read_text()
     params = yaml.safe_load(original)
-    params["data"]["decode"] = "cpu"
+    params["data"].update(data)
     (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         subprocess.run([sys.executable, "-m", "stages.features", "--root", str(workspace), "--no-progress"],
                        cwd=REPO, env=env, check=True, capture_output=True)
-    finally:  # the compile part after this compares with the flow's own (eager) run: same decode
+    finally:  # the parts after this compare with the flow's own run: its data params
         (workspace / "params.yaml").write_text(original)
     record = json.loads((workspace / "outputs" / RECORDS["features"]).read_text())
-    return {"img_per_s": record["samples"] / record["seconds"], "seconds": record["seconds"]}
+    return {"data": data, "img_per_s": record["samples"] / record["seconds"], "seconds": record["seconds"]}
 
 
 def compile_runs(workspace: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -386,9 +391,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not (smallest / "outputs" / RECORDS["train"]).exists():
         raise SystemExit(f"--parts decode/compile use the flow's workspace {smallest}: run with flows first")
     if "decode" in parts:
-        report["decode_cpu_features"] = decode_on_cpu(smallest, env)
-        print(f"features with decode cpu: {report['decode_cpu_features']['img_per_s']:,.0f} img/s", flush=True)
-        save()
+        report["decode_features"] = []
+        for data in DECODE_VARIANTS:
+            report["decode_features"].append(features_with(smallest, env, data))
+            print(f"features with {data}: {report['decode_features'][-1]['img_per_s']:,.0f} img/s", flush=True)
+            save()
     if "compile" in parts:
         report["compile"] = compile_runs(smallest, env)
         print(json.dumps(report["compile"]), flush=True)

@@ -13,12 +13,12 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from promptcil.config import DataConfig
+from promptcil.config import ConfigError, DataConfig
 from promptcil.data import DataError, device_batches, load_split, read_image_set, subset
 from promptcil.data.shards import ShardedImageSet, verify_shards
 from promptcil.workspace import Workspace
 
-from conftest import project_params, write_params
+from conftest import make_params, project_params, write_params
 
 BACKBONE = {"source": "random", "img_size": 16}
 
@@ -213,18 +213,55 @@ def test_the_nvjpeg_path_assembles_the_same_batches(tmp_path: Path, folder: Path
     assert torch.equal(via_batch, one_by_one)
 
 
+def test_a_cpu_share_of_the_gpu_path_picks_each_image_the_same_way_and_assembles_the_same_batches(
+        tmp_path: Path, folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """data.decode_cpu_share: that share of the JPEGs leaves the nvjpeg call for the CPU decoder, each image
+    picked by its place in its shard (the same in a task's subset as in the whole split), and the batches
+    are the ones the GPU path assembles without it (run here with decode_jpeg's CPU device)."""
+    from promptcil.data import shards
+    from promptcil.data.shards import _ShardReader
+
+    on_cpu: list[int] = []
+    decode_cpu = shards._decode_cpu
+    monkeypatch.setattr(shards, "_decode_cpu", lambda data, payload, i, size: on_cpu.append(i) or decode_cpu(
+        data, payload, i, size))
+
+    whole = read_image_set(prepared(tmp_path, folder, shards=True, image_size=24).of("prepare"), "train")
+    rows = list(range(len(whole)))
+    assert whole.cpu_decoded(rows) == [False] * len(rows)  # the default: every JPEG by nvjpeg
+    half = whole.with_loading("gpu", None, cpu_share=0.5)
+    picked = half.cpu_decoded(rows)
+    assert 0.25 * len(rows) < sum(picked) < 0.75 * len(rows)
+    odd = rows[1::2]
+    assert half.take(torch.tensor(odd)).cpu_decoded(list(range(len(odd)))) == [picked[r] for r in odd]
+
+    together, labels = _ShardReader(whole, gpu=torch.device("cpu"))[rows]
+    not_jpeg = len(on_cpu)  # decoded on the CPU whatever the share
+    split, same_labels = _ShardReader(half, gpu=torch.device("cpu"))[rows]
+    assert 0 < len(on_cpu) - 2 * not_jpeg <= sum(picked)  # the picked JPEGs went to the CPU decoder
+    assert torch.equal(labels, same_labels) and torch.equal(split, together)
+
+
+def test_a_cpu_share_outside_zero_to_one_is_refused_naming_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="data.decode_cpu_share"):
+        make_params(data={"decode_cpu_share": 1.0})
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_nvjpeg_batches_match_the_cpu_decode_while_the_gpu_is_busy(tmp_path: Path, folder: Path) -> None:
-    """decode gpu (nvjpeg on each loader thread's own stream) against decode cpu: the same labels and, up to the
-    two decoders' rounding, the same pixels. Each batch is copied on the consuming stream behind a queued matmul
-    chain and then dropped, with no synchronisation until the end: a batch whose memory went back to the
-    loader's stream too early (no record_stream) would be overwritten by a later decode before its copy ran."""
+@pytest.mark.parametrize("cpu_share", [0.0, 0.5])
+def test_nvjpeg_batches_match_the_cpu_decode_while_the_gpu_is_busy(tmp_path: Path, folder: Path,
+                                                                    cpu_share: float) -> None:
+    """decode gpu (nvjpeg on each loader thread's own stream; with `cpu_share`, half the JPEGs by the CPU
+    decoder beside it) against decode cpu: the same labels and, up to the two decoders' rounding, the same
+    pixels. Each batch is copied on the consuming stream behind a queued matmul chain and then dropped, with no
+    synchronisation until the end: a batch whose memory went back to the loader's stream too early (no
+    record_stream) would be overwritten by a later decode before its copy ran."""
     data = read_image_set(prepared(tmp_path, folder, shards=True, image_size=24).of("prepare"), "train")
     cuda = torch.device("cuda")
     reference = list(device_batches(data.with_loading("cpu", 2), 8, cuda))
     busy = torch.randn(2048, 2048, device=cuda)
     kept = []
-    for images, labels in device_batches(data.with_loading("gpu", 2), 8, cuda):
+    for images, labels in device_batches(data.with_loading("gpu", 2, cpu_share), 8, cuda):
         for _ in range(20):
             busy = busy @ busy / busy.norm()
         kept.append((images.clone(), labels.clone()))

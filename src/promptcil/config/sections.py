@@ -225,6 +225,10 @@ class DataBase(Section):
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Where sharded images are decoded: gpu (nvjpeg, JPEGs; other formats in the loader's "
         "threads), cpu (the loader's threads, libjpeg-turbo), auto (gpu when the model runs on CUDA).")
+    decode_cpu_share: float = Field(
+        0.0, ge=0, lt=1, description="With decode on the GPU: this share of the JPEGs decoded by the loader's threads "
+        "beside nvjpeg (torchvision runs one GPU decode at a time per process; the CPU adds decoders outside that "
+        "lock). Each image always the same way, picked by its place in its shard. 0: every JPEG by nvjpeg.")
     loader_workers: int | None = Field(
         None, ge=0, description="Loader threads that read (and with decode cpu decode) sharded images "
         "(default: min(8, CPUs), the CPUs shared among a machine's torchrun processes); 0 reads in the calling thread.")

@@ -21,10 +21,13 @@ def read_task_split(folder: Path) -> TaskSplit:
 
 def read_image_set(folder: Path, split: str, data: Any = None) -> ImageSet | ShardedImageSet:
     """The prepared (relabelled) images of `split` ("train" or "test"): uint8 in memory, or shards on disk when
-    prepare wrote them (data.shards), loaded as params' `data` section says (decode, loader_workers)."""
+    prepare wrote them (data.shards), loaded as params' `data` section says (decode, decode_cpu_share,
+    loader_workers)."""
     if index_file(folder, split).exists():
         sharded = read_shards(Path(folder), split)
-        return sharded if data is None else sharded.with_loading(data.decode, data.loader_workers)
+        if data is None:
+            return sharded
+        return sharded.with_loading(data.decode, data.loader_workers, data.decode_cpu_share)
     tensors, manifest = load_tensors(Path(folder) / f"{split}.safetensors", kind=ArtifactKind.IMAGE_DATA)
     return ImageSet(tensors["images"], tensors["labels"], manifest["metadata"]["class_names"])
 

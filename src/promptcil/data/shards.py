@@ -71,6 +71,8 @@ class ShardedImageSet:
     """auto (GPU when the batches go to a GPU), cpu (in the loader's threads), gpu (nvjpeg)."""
     workers: int | None = None
     """Loader threads (default: min(8, CPUs), the CPUs shared among a machine's torchrun processes)."""
+    cpu_share: float = 0.0
+    """With GPU decoding: the share of JPEGs decoded in the loader's threads instead (`cpu_decoded`)."""
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -83,8 +85,17 @@ class ShardedImageSet:
         """The first `n` images decoded on the CPU: (n, 3, S, S) uint8 (examples, FLOP counts)."""
         return _ShardReader(self)[list(range(min(n, len(self))))][0]
 
-    def with_loading(self, decode: str, workers: int | None) -> ShardedImageSet:
-        return replace(self, decode=decode, workers=workers)
+    def with_loading(self, decode: str, workers: int | None, cpu_share: float = 0.0) -> ShardedImageSet:
+        return replace(self, decode=decode, workers=workers, cpu_share=cpu_share)
+
+    def cpu_decoded(self, rows: list[int]) -> list[bool]:
+        """Which of `rows` the GPU path leaves to the CPU decoder: `cpu_share` of the images, each picked by its
+        place in its shard (a multiplicative hash of shard and tar block), so an image is decoded the same way
+        in every batch, epoch, subset, resume and rank split."""
+        if self.cpu_share <= 0:
+            return [False] * len(rows)
+        key = (self.shard[rows] * 0x9E3779B1 + self.offset[rows] // 512 * 0x85EBCA77) % (1 << 32)
+        return (key < int(self.cpu_share * (1 << 32))).tolist()
 
 
 # ---------------------------------------------------------------- writing (the prepare stage)
@@ -295,9 +306,9 @@ class _ShardReader:
     def __getitem__(self, indices: list[int]) -> Any:
         payloads = [self._read(i) for i in indices]
         labels = self.data.labels[indices]
-        if self.gpu is not None:  # nvjpeg takes the JPEGs; anything else (PNG) is decoded on the CPU first
-            payloads = [p if p[:2].tolist() == list(JPEG_MAGIC) else _decode_cpu(self.data, p, i, None)
-                        for p, i in zip(payloads, indices)]
+        if self.gpu is not None:  # nvjpeg takes the JPEGs but the CPU's share; others (PNG) are decoded on the CPU
+            payloads = [p if p[:2].tolist() == list(JPEG_MAGIC) and not cpu else _decode_cpu(self.data, p, i, None)
+                        for p, i, cpu in zip(payloads, indices, self.data.cpu_decoded(indices))]
             return _decode_on_gpu(self.data, payloads, indices, self.gpu), labels.to(self.gpu)
         size = self.data.image_size
         images = [_decode_cpu(self.data, p, i, size) for p, i in zip(payloads, indices)]
