@@ -5,7 +5,8 @@
 
 A stage runs `python -m stages.<name>`; its import closure is every project module it imports, directly,
 inside functions or through other modules, plus every module of a package whose registry imports its
-modules itself (`Registry(kind, "promptcil.prompts")`: a new method is one new file, and DVC must see it).
+modules itself (`Registry(kind, "promptcil.prompts")`: a new method is one new file, and DVC must see it)
+or imports them lazily by name (`import_module(f"promptcil.tracking.{module}")`).
 A folder whose every Python file is in the closure is listed as the folder.
 """
 
@@ -57,11 +58,28 @@ def imported_modules(path: Path) -> set[str]:
             package = module_file(node.args[1].value)
             if package is not None:
                 names |= {module_name(p) for p in package.parent.glob("*.py")}
+        elif (prefix := lazy_import_prefix(node)) is not None:
+            # import_module(f"pkg.{name}") (promptcil.tracking's names): any module of that package
+            package = module_file(prefix.rstrip("."))
+            if package is not None:
+                names |= {module_name(p) for p in package.parent.glob("*.py")}
     with_parents = set(names)
     for name in names:
         parts = name.split(".")
         with_parents |= {".".join(parts[:i]) for i in range(1, len(parts))}
     return with_parents
+
+
+def lazy_import_prefix(node: ast.AST) -> str | None:
+    """"pkg." for a call import_module(f"pkg.{...}"), else None."""
+    if not (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.JoinedStr)):
+        return None
+    if getattr(node.func, "id", getattr(node.func, "attr", None)) != "import_module":
+        return None
+    first = node.args[0].values[0] if node.args[0].values else None
+    if isinstance(first, ast.Constant) and str(first.value).endswith("."):
+        return str(first.value)
+    return None
 
 
 def closure(module: str) -> set[Path]:

@@ -319,3 +319,16 @@ def test_predict_and_the_served_model_refuse_an_alias_moved_by_hand(logged_model
     tracking.approve(name, version, reviewer="ada")  # recorded: both serve
     assert CliRunner().invoke(app, ["predict", f"models:/{name}@champion", str(image)]).exit_code == 0
     mlflow.pyfunc.load_model(f"models:/{name}@champion")
+
+
+def test_the_logged_model_pins_the_mlflow_distribution_that_is_installed():
+    """MLflow ships as `mlflow` or `mlflow-skinny`: the pin names whichever is installed (the first installed of
+    the names), and a package under none of its names stops with a line naming them."""
+    from importlib.metadata import version
+
+    from promptcil.tracking.registry import pinned, serving_requirements
+
+    assert f"mlflow=={version('mlflow')}" in serving_requirements()
+    assert pinned("no-such-distribution", "numpy") == f"numpy=={version('numpy')}"
+    with pytest.raises(RuntimeError, match="none of no-such-distribution, nor-this is installed"):
+        pinned("no-such-distribution", "nor-this")

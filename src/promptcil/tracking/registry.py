@@ -59,10 +59,21 @@ def model_signature(example: np.ndarray) -> ModelSignature:
 def serving_requirements() -> list[str]:
     """The pinned packages the logged model needs (promptcil itself must be installed beside them).
     Given explicitly: MLflow's inference of them imports torch in a subprocess (~8 s per version)."""
-    from importlib.metadata import version
+    packages = [(name,) for name in ("torch", "torchvision", "timm", "safetensors", "pydantic", "pyyaml", "numpy")]
+    return [pinned(*names) for names in (*packages, ("mlflow", "mlflow-skinny"))]
 
-    packages = ("torch", "torchvision", "timm", "safetensors", "pydantic", "pyyaml", "numpy", "mlflow")
-    return [f"{name}=={version(name)}" for name in packages]
+
+def pinned(*distributions: str) -> str:
+    """`name==version` of the first of `distributions` installed: MLflow ships as `mlflow` or as the lighter
+    `mlflow-skinny`, and the model needs the one it was logged with."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in distributions:
+        try:
+            return f"{name}=={version(name)}"
+        except PackageNotFoundError:
+            continue
+    raise RuntimeError(f"none of {', '.join(distributions)} is installed: the logged model could not name it")
 
 
 MODEL_DESCRIPTION = (
