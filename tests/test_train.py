@@ -122,3 +122,26 @@ def test_compile_auto_compiles_only_long_cuda_runs_and_keeps_its_cache(tmp_path,
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "promptcil" / "torch-compile")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "own"))
     assert compile_cache() == tmp_path / "own" and (tmp_path / "own").is_dir()  # the user's choice wins
+
+
+def test_a_compiled_run_builds_one_training_and_one_inference_graph_and_matches_eager(
+        random_backbone, digits_tasks, tmp_path, monkeypatch):
+    """train.compile: the batch dimension is marked dynamic, so a task's last, smaller batch (and every evaluation
+    batch size) reuses the graph instead of compiling another (3 graphs before; on this CPU the first task's
+    compilation went from 44 to 32 s cold, 9.3 to 7.1 s warm). The compiled run ends where the eager one does."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
+    params = make_params(method={"name": "apt"}, train={"epochs": 1, "batch_size": 64})
+    per_task = [int(torch.isin(digits_tasks.train.labels, torch.tensor(list(digits_tasks.split.task_classes(t))))
+                    .sum()) for t in range(digits_tasks.split.num_tasks)]
+    assert any(n % 64 for n in per_task)  # a task ends on a smaller batch
+    eager = evaluate(run(params, random_backbone, digits_tasks, tmp_path / "eager"), digits_tasks, tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_params = make_params(method={"name": "apt"}, train={"epochs": 1, "batch_size": 64, "compile": True})
+    model = run(compiled_params, random_backbone, digits_tasks, tmp_path / "compiled")
+    compiled = evaluate(model, digits_tasks, tmp_path / "compiled")
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    assert compiled["A_last"] == pytest.approx(eager["A_last"], abs=0.02)
+    torch._dynamo.reset()

@@ -56,7 +56,11 @@ class IncrementalModel(nn.Module):
         return self
 
     def features(self, images_uint8: torch.Tensor) -> torch.Tensor:
-        return self.method(self.preprocess(images_uint8))
+        images = self.preprocess(images_uint8)
+        # compiled (train.compile): one graph for every batch size, not one for the first and another when a
+        # task's last, smaller batch comes (a no-op in eager mode)
+        torch._dynamo.maybe_mark_dynamic(images, 0)
+        return self.method(images)
 
     def forward(self, images_uint8: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images_uint8))
