@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from flows import study, study_runner  # noqa: F401  (the tasks' module and Prefect; promptcil, timm)
+from flows import study  # noqa: F401  (the tasks' module: Prefect, the study runner, promptcil, timm)
 from stages import evaluate, prompt_init, train  # noqa: F401
 
 

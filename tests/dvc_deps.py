@@ -55,19 +55,21 @@ def imported_modules(path: Path) -> set[str]:
             names |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from pkg import module`
         elif (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "Registry" and len(node.args) == 2
               and isinstance(node.args[1], ast.Constant)):
-            package = module_file(node.args[1].value)
-            if package is not None:
-                names |= {module_name(p) for p in package.parent.glob("*.py")}
+            names |= package_modules(node.args[1].value)
         elif (prefix := lazy_import_prefix(node)) is not None:
             # import_module(f"pkg.{name}") (promptcil.tracking's names): any module of that package
-            package = module_file(prefix.rstrip("."))
-            if package is not None:
-                names |= {module_name(p) for p in package.parent.glob("*.py")}
+            names |= package_modules(prefix.rstrip("."))
     with_parents = set(names)
     for name in names:
         parts = name.split(".")
         with_parents |= {".".join(parts[:i]) for i in range(1, len(parts))}
     return with_parents
+
+
+def package_modules(package: str) -> set[str]:
+    """Every module of a project package (none for a package not ours)."""
+    init = module_file(package)
+    return set() if init is None else {module_name(p) for p in init.parent.glob("*.py")}
 
 
 def lazy_import_prefix(node: ast.AST) -> str | None:

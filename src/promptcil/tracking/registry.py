@@ -59,8 +59,8 @@ def model_signature(example: np.ndarray) -> ModelSignature:
 def serving_requirements() -> list[str]:
     """The pinned packages the logged model needs (promptcil itself must be installed beside them).
     Given explicitly: MLflow's inference of them imports torch in a subprocess (~8 s per version)."""
-    packages = [(name,) for name in ("torch", "torchvision", "timm", "safetensors", "pydantic", "pyyaml", "numpy")]
-    return [pinned(*names) for names in (*packages, ("mlflow", "mlflow-skinny"))]
+    packages = ("torch", "torchvision", "timm", "safetensors", "pydantic", "pyyaml", "numpy")
+    return [*map(pinned, packages), pinned("mlflow", "mlflow-skinny")]
 
 
 def pinned(*distributions: str) -> str:
