@@ -205,6 +205,15 @@ def test_dvc_yaml_code_deps_are_each_stage_import_closure():
     assert not problems, f"dvc.yaml's code deps differ from the imports ({problems}): python tests/dvc_deps.py --write"
 
 
+def test_a_stage_depends_on_the_modules_a_package_imports_lazily_by_name():
+    """promptcil.tracking imports its modules on first use (`import_module(f"promptcil.tracking.{name}")`): the
+    register stage, which logs and registers through them, must rerun when runs.py or registry.py change."""
+    from dvc_deps import REPO, closure
+
+    register = closure("stages.register")
+    assert {REPO / "src/promptcil/tracking" / name for name in ("runs.py", "registry.py", "metrics.py")} <= register
+
+
 def test_a_fresh_clone_has_no_changed_dependency(tmp_path):
     """The committed dvc.lock matches the committed code and params.yaml: a fresh clone's `dvc status`
     reports its outputs missing (they live in the cache and remotes), never a changed dependency."""
