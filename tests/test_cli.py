@@ -169,10 +169,14 @@ def test_predict_prints_the_evaluate_stage_labels(project, logged_model, pipelin
 
 
 def test_serve_runs_the_installed_retrain_flow_from_any_folder(project, tmp_path):
-    """`promptcil serve` needs no checkout: it runs the installed `flows.retrain` on the workspace --root."""
+    """`promptcil serve` needs no checkout: it runs the installed `flows.retrain` on the workspace --root. A
+    SIGTERM to its process (a supervisor stopping it) stops the server: no process serving the workspace
+    is left (the flow in a child process outlived it)."""
     import subprocess
     import sys
     import time
+
+    import psutil
 
     workspace = tmp_path / "workspace"
     workspace.mkdir()
@@ -200,6 +204,9 @@ def test_serve_runs_the_installed_retrain_flow_from_any_folder(project, tmp_path
         finally:
             child.terminate()
             child.wait(timeout=30)
+    time.sleep(1)
+    serving = [p.pid for p in psutil.process_iter(["cmdline"]) if str(workspace) in " ".join(p.info["cmdline"] or [])]
+    assert not serving, f"still serving {workspace} after SIGTERM: {serving}"
 
 
 # ---------------------------------------------------------------- help

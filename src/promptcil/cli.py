@@ -10,6 +10,7 @@ instant and the review commands pay only for MLflow.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -254,15 +255,12 @@ def serve(
 ) -> None:
     """Serve the retrain flow on a schedule (Prefect), from any folder.
 
-    Runs `python -m flows.retrain --serve` in a child process: the library never imports Prefect.
+    Becomes `python -m flows.retrain --serve` (the library never imports Prefect).
     """
     command = [sys.executable, "-m", "flows.retrain", "--serve", "--root", str(root.resolve())]
     command += ["--cron", cron] if cron else []
-    try:
-        code = subprocess.call(command)
-    except KeyboardInterrupt:
-        code = 130
-    raise typer.Exit(code)
+    # replaced, not a child: a supervisor's SIGTERM to this process id stops the server (a child outlived it)
+    os.execv(sys.executable, command)
 
 
 # ---------------------------------------------------------------- team services and deployments
