@@ -127,8 +127,8 @@ def test_compile_auto_compiles_only_long_cuda_runs_and_keeps_its_cache(tmp_path,
 def test_a_compiled_run_builds_one_training_and_one_inference_graph_and_matches_eager(
         random_backbone, digits_tasks, tmp_path, monkeypatch):
     """train.compile: the batch dimension is marked dynamic, so a task's last, smaller batch (and every evaluation
-    batch size) reuses the graph instead of compiling another (3 graphs before; on this CPU the first task's
-    compilation went from 44 to 32 s cold, 9.3 to 7.1 s warm). The compiled run ends where the eager one does."""
+    batch size) reuses the graph instead of compiling another (3 graphs before; the time it saves:
+    docs/performance.md). The compiled run ends where the eager one does."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
