@@ -247,7 +247,7 @@ def figures(workspace: Path, flow: dict[str, Any], rates: dict[str, float]) -> d
     }
 
 
-DECODE_VARIANTS = ({"decode": "cpu"}, {"decode_cpu_share": 0.25}, {"decode_cpu_share": 0.5})
+DECODE_VARIANTS = ({"decode": "cpu"}, {"decode_cpu_share": 0.2}, {"decode_cpu_share": 0.35}, {"decode_cpu_share": 0.5})
 
 
 def features_with(workspace: Path, env: dict[str, str], data: dict[str, Any]) -> dict[str, Any]:
