@@ -6,6 +6,7 @@ measured in the same run, peak host memory and disk per stage; then train.compil
     python bench/data_scale.py --quick --out DIR               # CPU smoke test: 600 and 1 200 images, a tiny ViT
     python bench/data_scale.py --parts compile --out DIR       # only train.compile, cold then warm cache
     python bench/data_scale.py --parts decode --sizes 50000 --out DIR   # features: decode cpu, CPU shares of nvjpeg
+    python bench/data_scale.py --parts loader --sizes 50000 --out DIR   # the loader alone, by decoder and threads
 
 Images: Fashion-MNIST (Debian's package, or --fm-root) upscaled to --size px, each with its own Gaussian noise
 and brightness, saved as JPEG (quality 90) in train/<class>/ and test/<class>/; the smaller size is hard links
@@ -237,9 +238,11 @@ def figures(workspace: Path, flow: dict[str, Any], rates: dict[str, float]) -> d
         "features": {"img_per_s": features["samples"] / features["seconds"], "seconds": features["seconds"],
                      "vs_plain_forward": features["samples"] / features["seconds"] / rates["plain_forward"]},
         "train": {"step_images": step_images, "images_forwarded": train["images_forwarded"], "seconds": train_s,
+                  "end_seconds": sum(t.get("end_seconds", 0.0) for t in train["log"]),
                   "gpu_bound_s": bound["train"], "vs_gpu_bound": bound["train"] / train_s,
                   "compiled": train.get("compiled")},
         "evaluate": {"images_forwarded": evaluate["images_forwarded"], "seconds": evaluate["seconds"],
+                     "phase_seconds": evaluate.get("phase_seconds"),
                      "vs_gpu_bound": bound["evaluate"] / evaluate["seconds"]},
         "pipeline": {"seconds_after_prepare": after_prepare, "gpu_bound_s": sum(bound.values()),
                      "vs_gpu_bound": sum(bound.values()) / after_prepare,
@@ -264,6 +267,57 @@ def features_with(workspace: Path, env: dict[str, str], data: dict[str, Any]) ->
         (workspace / "params.yaml").write_text(original)
     record = json.loads((workspace / "outputs" / RECORDS["features"]).read_text())
     return {"data": data, "img_per_s": record["samples"] / record["seconds"], "seconds": record["seconds"]}
+
+
+LOADER_VARIANTS = (("auto", 8, 0.0), ("auto", 4, 0.0), ("auto", 16, 0.0), ("auto", 8, 0.35), ("cpu", 8, 0.0),
+                   ("cpu", 15, 0.0))
+
+
+def loader_rates(workspace: Path, batch_size: int) -> dict[str, Any]:
+    """Where the features pass's ceiling is: the sharded loader alone (no model; images/s onto the GPU) by decoder,
+    threads and CPU share, then the features pass in this process with Python's default thread switch interval
+    and with a 1 ms one (the loader's threads and the model's thread share one interpreter)."""
+    import torch
+
+    from promptcil.backbone import load_backbone
+    from promptcil.config import BackboneConfig
+    from promptcil.data import device_batches
+    from promptcil.data.shards import read_shards
+    from promptcil.features import class_statistics
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    train = read_shards(workspace / "outputs" / "prepare", "train")
+    result: dict[str, Any] = {"loader_alone": []}
+    for decode, threads, share in LOADER_VARIANTS:
+        data = train.with_loading(decode, threads, share)
+        sync()
+        started = time.perf_counter()
+        for _ in device_batches(data, batch_size, device):
+            pass
+        sync()
+        rate = len(data) / (time.perf_counter() - started)
+        result["loader_alone"].append({"decode": decode, "threads": threads, "cpu_share": share, "img_per_s": rate})
+        print(f"loader alone, decode {decode}, {threads} threads, CPU share {share}: {rate:,.0f} img/s", flush=True)
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    backbone = load_backbone(BackboneConfig(**params["backbone"])).to(device)
+    data = train.with_loading("auto", None, 0.0)
+    default_interval = sys.getswitchinterval()
+    result["features_in_process"] = []
+    for interval in (default_interval, 0.001, default_interval):
+        sys.setswitchinterval(interval)
+        sync()
+        started = time.perf_counter()
+        class_statistics(backbone, data, batch_size, device, num_classes=10, affinity_classes=range(4))
+        sync()
+        rate = len(data) / (time.perf_counter() - started)
+        result["features_in_process"].append({"switch_interval_s": interval, "img_per_s": rate})
+        print(f"features in process, switch interval {interval * 1000:g} ms: {rate:,.0f} img/s", flush=True)
+    sys.setswitchinterval(default_interval)
+    del backbone
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
 
 
 def compile_runs(workspace: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -330,7 +384,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT, random init (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="(default %(default)s)")
     p.add_argument("--decode", default="auto", help="data.decode for the flows (default %(default)s)")
-    p.add_argument("--parts", default="flows,decode,compile", help="comma-separated: flows, decode, compile")
+    p.add_argument("--parts", default="flows,decode,compile", help="comma-separated: flows, decode, loader, compile")
     p.add_argument("--fm-root", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
                    help="Fashion-MNIST's gz files (default: Debian's package)")
     p.add_argument("--work", type=Path, default=Path("/tmp/promptcil-data-scale"), help="(default %(default)s)")
@@ -396,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["decode_features"].append(features_with(smallest, env, data))
             print(f"features with {data}: {report['decode_features'][-1]['img_per_s']:,.0f} img/s", flush=True)
             save()
+    if "loader" in parts:
+        report["loader"] = loader_rates(smallest, args.batch_size)
+        save()
     if "compile" in parts:
         report["compile"] = compile_runs(smallest, env)
         print(json.dumps(report["compile"]), flush=True)

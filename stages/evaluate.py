@@ -38,11 +38,14 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     started = time.perf_counter()
     matrix, counts = accuracy_matrix(model, states, test, split, p.eval.batch_size, device)
     metrics = summarize(matrix, counts)
+    phases = {"accuracy_matrix": time.perf_counter() - started}  # each phase ends on the host: no sync needed
     metrics |= base_new(model, states, metrics["accuracy_after_task"], train, test, split, p.eval.batch_size, device)
+    phases["base_new"] = time.perf_counter() - started - sum(phases.values())
     load_task_state(model, states[-1])
     joint = joint_upper_bound(model, p.head, p.train, train, test, p.eval.batch_size, device)
     metrics |= {"A_joint": joint, "A_last_vs_joint": metrics["A_last"] / joint if joint > 0 else None}
     seconds = time.perf_counter() - started  # every task state over the test set, and the joint bound
+    phases["joint_bound"] = seconds - sum(phases.values())
     forwarded = model.preprocess.images_seen  # this rank's images through the model in that time
     model.eval()
     example = test.first(8).to(device)
@@ -62,7 +65,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     if ranks.writer:
         write_json(out / "metrics.json", metrics)
         write_accuracy_plots(metrics, out)
-        write_json(out / "evaluate.json", {"world_size": ranks.world, "seconds": seconds,
+        write_json(out / "evaluate.json", {"world_size": ranks.world, "seconds": seconds, "phase_seconds": phases,
                                            "images_forwarded": forwarded,
                                            "test_samples_per_rank": ranks.shard_sizes(len(test))})
     return metrics

@@ -42,6 +42,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True,
         "compiled": trainer.compiled,  # train.compile: whether this run compiled (auto decides by its steps)
         "images_forwarded": trainer.model.preprocess.images_seen,  # steps' and the heads' passes, this rank
         "log": [{"task": g.task, "samples": g.samples, "epoch_losses": g.epoch_losses, "seconds": g.seconds,
+                 "end_seconds": g.end_seconds,
                  "samples_per_rank": samples_per_rank(g.samples, p.train.batch_size, ranks.world)} for g in logs],
     }
     if ranks.writer:

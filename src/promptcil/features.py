@@ -19,7 +19,7 @@ from timm.models.vision_transformer import VisionTransformer
 from promptcil.backbone import embed_tokens
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
 from promptcil.distributed import all_reduce_sum_, shard_of
-from promptcil.runtime import autocast_for
+from promptcil.runtime import HostSink, autocast_for
 
 
 def _entering_tokens(
@@ -52,60 +52,7 @@ def _entering_tokens_labelled(
 
 
 TOKEN_BATCH_BYTES = 256 * 2**20
-"""Token-sample batches are cut to about this many bytes of output (each of _HostSink's staging slots)."""
-
-
-class _HostSink:
-    """Device results to host memory batch by batch, the GPU never waiting on the host.
-
-    Each batch is copied (non_blocking) into one of `slots` reused page-locked staging buffers and
-    moved on the CPU into the final, ordinary tensors when its slot comes round again: the host
-    then waits only for a copy queued `slots` batches ago, so the GPU keeps that many batches of
-    work queued. Page-locking the whole result instead (N x depth x D floats) costs more than the
-    copies themselves when N is large (docs/performance.md). On a CPU device it writes directly.
-    """
-
-    def __init__(self, rows: dict[str, tuple[int, ...]], count: int, batch_size: int, device: torch.device,
-                 slots: int = 3) -> None:
-        self.out = {name: torch.empty((count, *shape), dtype=torch.float32) for name, shape in rows.items()}
-        self.cuda = device.type == "cuda"
-        self.slots: list[dict] = []
-        if self.cuda:
-            self.slots = [{"staging": {name: torch.empty((batch_size, *shape), dtype=torch.float32, pin_memory=True)
-                                       for name, shape in rows.items()}, "event": None, "rows": None}
-                          for _ in range(slots)]
-        self.batches = 0
-        self.filled = 0  # rows handed over so far: the next batch's first row
-
-    def put(self, **values: torch.Tensor) -> None:
-        """The next batch's rows, one tensor per name given at construction."""
-        start, n = self.filled, next(iter(values.values())).shape[0]
-        self.filled += n
-        if not self.cuda:
-            for name, value in values.items():
-                self.out[name][start:start + n].copy_(value)
-            return
-        slot = self.slots[self.batches % len(self.slots)]
-        self._land(slot)
-        for name, value in values.items():
-            slot["staging"][name][:n].copy_(value, non_blocking=True)
-        slot["event"], slot["rows"] = torch.cuda.Event(), (start, n)
-        slot["event"].record()
-        self.batches += 1
-
-    def _land(self, slot: dict) -> None:
-        if slot["event"] is None:
-            return
-        slot["event"].synchronize()  # this slot's copy, queued len(slots) batches ago
-        start, n = slot["rows"]
-        for name, staging in slot["staging"].items():
-            self.out[name][start:start + n].copy_(staging[:n])
-        slot["event"] = None
-
-    def finish(self) -> dict[str, torch.Tensor]:
-        for k in range(len(self.slots)):  # oldest first
-            self._land(self.slots[(self.batches + k) % len(self.slots)])
-        return self.out
+"""Token-sample batches are cut to about this many bytes of output (each of HostSink's staging slots)."""
 
 
 @torch.no_grad()
@@ -116,7 +63,7 @@ def backbone_statistics(
     block_input_tokens is each image's mean patch token entering each block (per-image values, for analysis
     and tests; the features stage keeps `class_statistics`)."""
     depth, dim = len(backbone.blocks), backbone.embed_dim
-    sink = _HostSink({"cls": (dim,), "block_input_tokens": (depth, dim)}, len(data), batch_size, device)
+    sink = HostSink({"cls": (dim,), "block_input_tokens": (depth, dim)}, len(data), batch_size, device)
     for cls, entering in _entering_tokens(backbone, data, batch_size, device):
         sink.put(cls=cls, block_input_tokens=torch.stack([t.mean(dim=1) for t in entering], dim=1))
     return {**sink.finish(), "labels": data.labels.clone()}
@@ -151,9 +98,11 @@ def class_statistics(
         sums["class_counts"].index_add_(0, labels, torch.ones_like(labels, dtype=torch.float64))
         sums["class_cls_sums"].index_add_(0, labels, cls.float().double())
         sums["class_block_sums"].index_add_(0, labels, tokens)
-        unit = F.normalize(tokens[in_affinity[labels]], dim=-1)
-        sums["affinity_sum"] += (unit @ unit.transpose(1, 2)).sum(dim=0)
-        sums["affinity_images"] += len(unit)
+        # weighted by membership, not selected: selecting rows would wait for the GPU (a data-dependent shape)
+        counted = in_affinity[labels].double()
+        unit = F.normalize(tokens, dim=-1)
+        sums["affinity_sum"] += torch.einsum("b,bij,bkj->ik", counted, unit, unit)
+        sums["affinity_images"] += counted.sum()
     all_reduce_sum_(list(sums.values()), ranks)
     return {name: value.cpu() for name, value in sums.items()}
 
@@ -181,7 +130,7 @@ def block_token_sample(
     # batch keep the GPU busy, where a full batch of 256 made 6 GB of page-locked staging for 3 slots
     batch_size = max(1, min(batch_size, len(data), TOKEN_BATCH_BYTES // (4 * (len(backbone.blocks) + 1) * patches
                                                                          * backbone.embed_dim)))
-    sink = _HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(data), batch_size,
+    sink = HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(data), batch_size,
                      device)
     for _, entering in _entering_tokens(backbone, data, batch_size, device, with_output=True):
         sink.put(tokens=torch.stack(entering, dim=1))

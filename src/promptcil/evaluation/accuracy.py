@@ -9,7 +9,7 @@ import torch
 from promptcil.data import ImageSet, TaskSplit, device_batches, subset
 from promptcil.distributed import gather_rows, shard_of
 from promptcil.model import IncrementalModel
-from promptcil.runtime import autocast_for
+from promptcil.runtime import HostSink, autocast_for
 from promptcil.training import load_task_state
 
 
@@ -70,12 +70,17 @@ def features_of(model: IncrementalModel, data: ImageSet, batch_size: int, device
     every rank all of them)."""
     model.eval().to(device)
     local, ranks = shard_of(data)
-    chunks = []
+    sink: HostSink | None = None  # copies batch by batch without the GPU waiting (its shape: the first batch's)
     for images, _ in device_batches(local, batch_size, device):
         with autocast_for(device):
             features = model.features(images)
-        chunks.append(features.float().view(-1, len(images), features.shape[-1]).cpu())  # member-major rows
-    mine = torch.cat(chunks, dim=1)
-    if not ranks.distributed:
-        return mine
-    return gather_rows(mine.transpose(0, 1).contiguous(), len(data), ranks, device).cpu().transpose(0, 1)
+        rows = features.float().view(-1, len(images), features.shape[-1]).transpose(0, 1)  # (B, members, D)
+        if sink is None:
+            sink = HostSink({"features": rows.shape[1:]}, len(local), batch_size, device)
+        sink.put(features=rows)
+    if sink is None:
+        raise ValueError("features_of: no images")
+    mine = sink.finish()["features"]  # (N, members, D)
+    if ranks.distributed:
+        mine = gather_rows(mine, len(data), ranks, device).cpu()
+    return mine.transpose(0, 1)  # member-major, as the model emits them

@@ -60,6 +60,7 @@ class ClassGaussians(nn.Module):
         self._count: torch.Tensor | None = None
         self._sum: torch.Tensor | None = None
         self._outer: torch.Tensor | None = None
+        self._outside: torch.Tensor | None = None  # labels observed outside the current task
 
     @property
     def num_classes(self) -> int:
@@ -76,18 +77,26 @@ class ClassGaussians(nn.Module):
         return [self._count, self._sum, self._outer]
 
     def observe(self, features: torch.Tensor, labels: torch.Tensor, new_classes: int) -> None:
-        """Accumulate the current task's features; labels at or past `num_classes` are its `new_classes`."""
+        """Accumulate the current task's features; labels at or past `num_classes` are its `new_classes`.
+
+        Nothing here waits for the device: a label outside the task is counted (and left out of the sums) and
+        reported by `end_task`, and the outer products are one batched matrix product per batch, not a
+        (B, D, D) tensor scattered row by row."""
         local = labels - self.num_classes
-        if (local < 0).any() or (local >= new_classes).any():
-            raise ValueError("class statistics: features of a class outside the current task")
+        inside = (local >= 0) & (local < new_classes)
         count, total, outer = self.partial_sums(new_classes)
+        self._outside = self._outside + (~inside).sum() if self._outside is not None else (~inside).sum()
+        member = F.one_hot(torch.where(inside, local, 0), new_classes).to(total) * inside[:, None]  # (B, C)
         x = features.detach().to(total)
-        count.index_add_(0, local, torch.ones_like(local, dtype=torch.float64))
-        total.index_add_(0, local, x)
-        outer.index_add_(0, local, x[:, :, None] * x[:, None, :])
+        count += member.sum(dim=0)
+        total += member.T @ x
+        outer += (member.T[:, :, None] * x).transpose(1, 2) @ x  # (C, D, B) @ (B, D): each class's sum of x x^T
 
     def end_task(self, new_classes: int) -> None:
         """Compress the task's sums into its classes' means and covariance factors."""
+        if self._outside is not None and int(self._outside) > 0:
+            self._outside = None
+            raise ValueError("class statistics: features of a class outside the current task")
         if self._count is None or self._count.shape[0] < new_classes or (self._count[:new_classes] < 2).any():
             raise ValueError("class statistics: every class of the task needs at least 2 training samples")
         count = self._count[:new_classes, None]
@@ -110,7 +119,7 @@ class ClassGaussians(nn.Module):
         self.means = torch.cat([self.means, mean.to(self.means)])
         self.factors = torch.cat([self.factors, factors.to(self.factors)])
         self.residual_std = torch.cat([self.residual_std, residual.sqrt().to(self.residual_std)])
-        self._count = self._sum = self._outer = None
+        self._count = self._sum = self._outer = self._outside = None
 
     def sample(self, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
         """`per_class` features drawn from every class's Gaussian (global RNG), with their labels."""

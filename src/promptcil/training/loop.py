@@ -45,6 +45,8 @@ class TaskLog:
     epoch_losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     """Wall-clock time of the task's training and ending (in this process, when it was resumed)."""
+    end_seconds: float = 0.0
+    """Of which the ending: the head's pass over the task's data, alignment, the method's end of task."""
 
 
 AUGMENT_STREAM = 1 << 40  # added to an epoch's shuffle seed: the seed of its crops and flips, another stream
@@ -213,6 +215,7 @@ class IncrementalTrainer:
     def _end_task(self, data: ImageSet, task: int, log: TaskLog, *, trained: bool, started: float) -> None:
         """End the task (method, then head on inference's features), then commit its state BEFORE the
         checkpoint that marks it done."""
+        ending = time.perf_counter()
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(shuffle_seed(self.cfg.seed, task, -3))  # the head's alignment samples
             with torch.no_grad():
@@ -222,7 +225,7 @@ class IncrementalTrainer:
                     self._show_task(data, training=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.seconds = time.perf_counter() - started
+        log.seconds, log.end_seconds = time.perf_counter() - started, time.perf_counter() - ending
         if not self.ranks.writer:
             return
         self.store.save_task_state(task, self.model.trainable_state(), metadata={
