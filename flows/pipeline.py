@@ -9,20 +9,18 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry calls
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from promptcil.config import Params, load_params, write_resolved_params  # noqa: E402
-from promptcil.distributed import launch  # noqa: E402
-from promptcil.entry import needs_launch  # noqa: E402
-from promptcil.errors import one_line_errors  # noqa: E402
-from promptcil.workspace import Workspace  # noqa: E402
-from stages import evaluate, features, prepare, pretrain, prompt_init, prototypes, register, train  # noqa: E402
+from promptcil.config import Params, load_params, write_resolved_params
+from promptcil.distributed import launch
+from promptcil.entry import needs_launch
+from promptcil.errors import one_line_errors
+from promptcil.workspace import Workspace
+from stages import evaluate, features, prepare, pretrain, prompt_init, prototypes, register, train
 
 
 def stage_task(module: Any, *, retries: int = 0):

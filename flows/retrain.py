@@ -15,19 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry calls
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from promptcil import serving, tracking  # noqa: E402
-from promptcil.config import Params, load_params  # noqa: E402
-from promptcil.errors import ReviewError, one_line_errors  # noqa: E402
-from promptcil.incoming import IncomingClasses, read_incoming  # noqa: E402
-from promptcil.retraining import (  # noqa: E402
+from promptcil import serving, tracking
+from promptcil.config import Params, load_params
+from promptcil.errors import ReviewError, one_line_errors
+from promptcil.incoming import IncomingClasses, read_incoming
+from promptcil.retraining import (
     Champion,
     Retrained,
     evaluate_retrained,
@@ -35,7 +33,7 @@ from promptcil.retraining import (  # noqa: E402
     train_new_task,
     write_version,
 )
-from promptcil.workspace import Workspace  # noqa: E402
+from promptcil.workspace import Workspace
 
 
 @task(name="fetch-champion", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)

@@ -30,14 +30,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # offline machines: no telemetry calls
-from prefect import flow, get_run_logger, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
-from flows import study_runner as runner  # noqa: E402
-from promptcil import tracking  # noqa: E402
-from promptcil.config import load_study  # noqa: E402
-from promptcil.errors import one_line_errors  # noqa: E402
+from flows import study_runner as runner
+from promptcil import tracking
+from promptcil.config import load_study
+from promptcil.errors import one_line_errors
 
 
 @task(name="shared-stages", task_run_name="{protocol}/shared", cache_policy=NO_CACHE)

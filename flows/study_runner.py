@@ -142,10 +142,13 @@ def run_shared(folder: Path, raw: dict[str, Any], *, progress: bool = False) -> 
 
 def shared_inputs(shared: Workspace) -> dict[str, str]:
     """The sha256 of what a run reads from its protocol's shared outputs."""
+    from promptcil.features import TOKEN_SAMPLE_FILE
+
     return {"tasks": file_sha256(shared.out("prepare") / "tasks.json"),
             "train_images": images_sha256(shared.out("prepare"), "train"),
             "backbone": read_json(shared.out("pretrain") / "backbone.json")["weights_sha256"],
             "features": artifact_sha256(shared.out("features") / "features.safetensors"),
+            "token_sample": artifact_sha256(shared.out("features") / TOKEN_SAMPLE_FILE),
             "prototypes": artifact_sha256(shared.out("prototypes") / "prototypes.safetensors")}
 
 

@@ -1,7 +1,7 @@
 """features: per-class sums of the frozen backbone's CLS features and of every block's input tokens, the
-block x block affinity summed over task 0's images, and every token entering every block for a sample of
-task 0's images; computed once for every consumer (prototypes, initialisers). Its size grows with the
-classes, never with the images."""
+block x block affinity summed over task 0's images (features.safetensors), and every token entering every
+block for a sample of task 0's images (token_sample.safetensors); computed once for every consumer
+(prototypes, initialisers). Its size grows with the classes, never with the images."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
 from promptcil.distributed import barrier, setup
 from promptcil.entry import stage_main
-from promptcil.features import block_token_sample, class_statistics, sample_images
+from promptcil.features import TOKEN_SAMPLE_FILE, block_token_sample, class_statistics, sample_images
 from promptcil.workspace import Workspace
 
 
@@ -32,11 +32,13 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     sample = sample_images(train, base, p.init.sample_images, p.init.sample_seed)
     summary = {"samples": len(train), "token_sample_images": len(sample), "world_size": ranks.world,
                "samples_per_rank": ranks.shard_sizes(len(train)), "seconds": seconds}
-    if ranks.writer:  # the token sample is small: rank 0 computes it alone
-        stats["block_token_sample"] = block_token_sample(backbone, sample, p.eval.batch_size, device)
-        manifest = save_tensors(workspace.out("features") / "features.safetensors", stats,
-                                kind=ArtifactKind.FEATURES)
-        write_json(workspace.out("features") / "features_log.json", summary | {"sha256": manifest["sha256"]})
+    if ranks.writer:  # the token sample is small in images: rank 0 computes it alone
+        tokens = {"block_token_sample": block_token_sample(backbone, sample, p.eval.batch_size, device)}
+        # two files: the token sample (1 GiB at ViT-B/16) is read only by the initialisers that draw from it
+        manifest = save_tensors(workspace.out("features") / "features.safetensors", stats, kind=ArtifactKind.FEATURES)
+        sampled = save_tensors(workspace.out("features") / TOKEN_SAMPLE_FILE, tokens, kind=ArtifactKind.TOKEN_SAMPLE)
+        write_json(workspace.out("features") / "features_log.json",
+                   summary | {"sha256": manifest["sha256"], "token_sample_sha256": sampled["sha256"]})
     return summary
 
 

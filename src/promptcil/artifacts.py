@@ -40,6 +40,7 @@ class ArtifactKind(StrEnum):
     IMAGE_DATA = "image_data"  # prepare: uint8 images + labels of a split
     BACKBONE = "backbone"  # pretrain: the trained backbone's weights
     FEATURES = "features"  # features: frozen-backbone statistics of the training data
+    TOKEN_SAMPLE = "token_sample"  # features: every token entering every block, for a sample of task 0's images
     PROTOTYPES = "prototypes"  # prototypes: class means, layer affinity
     PROMPT_INIT = "prompt_init"  # prompt_init: the initial prompt
     CHECKPOINT = "checkpoint"  # train: resumable state mid-run

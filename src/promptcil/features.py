@@ -51,6 +51,9 @@ def _entering_tokens_labelled(
         yield cls, entering, labels.to(device, non_blocking=True)
 
 
+TOKEN_SAMPLE_FILE = "token_sample.safetensors"
+"""The features stage's token sample, beside features.safetensors (the class sums)."""
+
 TOKEN_BATCH_BYTES = 256 * 2**20
 """Token-sample batches are cut to about this many bytes of output (each of HostSink's staging slots)."""
 
