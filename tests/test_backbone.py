@@ -69,3 +69,16 @@ def test_unknown_model_name_is_refused():
 def test_pretrain_source_needs_the_pretrain_stage_weights():
     with pytest.raises(BackboneError, match="pretrain stage"):
         load_backbone(BackboneConfig(source="pretrain", **TINY_BACKBONE))
+
+
+def test_a_half_precision_file_loads_into_the_float32_model_with_nothing_left_uninitialised(source_weights, tmp_path):
+    """The model is built on the meta device and handed the file's tensors: each must come out float32 (as a
+    copy into a randomly initialised model would) and none may stay on the meta device."""
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.half() for k, v in source_weights.items()}, path)
+    model = load_backbone(BackboneConfig(source="file", file=path, **TINY_BACKBONE))
+    assert_loaded(model, {k: v.half().float() for k, v in source_weights.items()})
+    tensors = [*model.parameters(), *model.buffers()]
+    assert all(t.dtype == torch.float32 and not t.is_meta for t in tensors)
+    images = torch.rand(2, 3, model.patch_embed.img_size[0], model.patch_embed.img_size[1])
+    assert torch.isfinite(model.forward_features(images)).all()

@@ -242,6 +242,20 @@ def test_a_cpu_share_of_the_gpu_path_picks_each_image_the_same_way_and_assembles
     assert torch.equal(labels, same_labels) and torch.equal(split, together)
 
 
+def test_decode_auto_uses_the_loader_threads_when_there_are_enough_of_them(tmp_path: Path, folder: Path) -> None:
+    """decode auto on CUDA: nvjpeg with fewer than 8 loader threads, the threads with 8 or more (measured
+    faster inside a pass: docs/performance.md); cpu and gpu as asked; never nvjpeg for CPU batches."""
+    from promptcil.data.shards import gpu_decode
+
+    data = read_image_set(prepared(tmp_path, folder, shards=True, image_size=24).of("prepare"), "train")
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # the choice only: nothing runs on the device
+    assert not gpu_decode(data.with_loading("auto", 8), cuda) and not gpu_decode(data.with_loading("auto", 16), cuda)
+    assert gpu_decode(data.with_loading("auto", 4), cuda) and gpu_decode(data.with_loading("gpu", 16), cuda)
+    assert not gpu_decode(data.with_loading("cpu", 2), cuda) and not gpu_decode(data.with_loading("auto", 2), cpu)
+    with pytest.raises(DataError, match="data.decode: gpu needs a CUDA device"):
+        gpu_decode(data.with_loading("gpu", 2), cpu)
+
+
 def test_a_cpu_share_outside_zero_to_one_is_refused_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.decode_cpu_share"):
         make_params(data={"decode_cpu_share": 1.0})

@@ -224,7 +224,8 @@ class DataBase(Section):
     shard_images: int = Field(2048, gt=0, description="Images per shard at most (data.shards).")
     decode: Literal["auto", "cpu", "gpu"] = Field(
         "auto", description="Where sharded images are decoded: gpu (nvjpeg, JPEGs; other formats in the loader's "
-        "threads), cpu (the loader's threads, libjpeg-turbo), auto (gpu when the model runs on CUDA).")
+        "threads), cpu (the loader's threads, libjpeg-turbo), auto (cpu, or gpu when the model runs on CUDA with fewer "
+        "than 8 loader threads: measured, threads on free cores overlap the model's work better than nvjpeg).")
     decode_cpu_share: float = Field(
         0.0, ge=0, lt=1, description="With decode on the GPU: this share of the JPEGs decoded by the loader's threads "
         "beside nvjpeg (torchvision runs one GPU decode at a time per process; the CPU adds decoders outside that "

@@ -68,7 +68,8 @@ class ShardedImageSet:
     image_size: int
     """Every image comes out at image_size x image_size (stretched, as the in-memory imagefolder source)."""
     decode: str = "auto"
-    """auto (GPU when the batches go to a GPU), cpu (in the loader's threads), gpu (nvjpeg)."""
+    """auto (nvjpeg when the batches go to a GPU and fewer than CPU_DECODE_THREADS loader threads run, else the
+    threads), cpu (in the loader's threads), gpu (nvjpeg)."""
     workers: int | None = None
     """Loader threads (default: min(8, CPUs), the CPUs shared among a machine's torchrun processes)."""
     cpu_share: float = 0.0
@@ -209,10 +210,24 @@ def verify_shards(folder: Path, split: str) -> None:
             raise DataError(f"shard {path} is missing or differs from its index (sha256): run the prepare stage again")
 
 
+CPU_DECODE_THREADS = 8
+"""decode auto decodes in the loader's threads when it has at least this many, else with nvjpeg. Measured on an
+H200 host (16 CPUs, ViT-B/16, 200,000 224 px JPEGs, docs/performance.md): nvjpeg alone feeds 28,000 img/s and 8
+threads 12,400, but inside the features pass the threads gave 7,971 img/s and nvjpeg 7,297: torchvision's GPU
+decoder does not overlap the model's work on the same GPU nearly as well as threads on other cores do."""
+
+
 def gpu_decode(data: ShardedImageSet, device: torch.device) -> bool:
+    """Whether nvjpeg decodes: decode gpu; decode auto on CUDA with fewer than CPU_DECODE_THREADS loader threads."""
     if data.decode == "gpu" and device.type != "cuda":
         raise DataError(f"data.decode: gpu needs a CUDA device, the batches go to {device}")
-    return device.type == "cuda" and data.decode in ("auto", "gpu")
+    if device.type != "cuda" or data.decode == "cpu":
+        return False
+    return data.decode == "gpu" or loader_threads(data) < CPU_DECODE_THREADS
+
+
+def loader_threads(data: ShardedImageSet) -> int:
+    return data.workers if data.workers is not None else default_loader_threads()
 
 
 def sharded_batches(data: ShardedImageSet, batches: Iterable[list[int]], device: torch.device,
@@ -225,7 +240,7 @@ def sharded_batches(data: ShardedImageSet, batches: Iterable[list[int]], device:
     from promptcil.data.loader import to_device_ahead
 
     on_gpu = gpu_decode(data, device)
-    workers = data.workers if data.workers is not None else default_loader_threads()
+    workers = loader_threads(data)
     reader = _ShardReader(data, pin=device.type == "cuda", gpu=device if on_gpu else None)
     if not on_gpu:
         yield from to_device_ahead(_read_ahead(reader.__getitem__, batches, workers), device)
@@ -253,8 +268,8 @@ def sharded_batches(data: ShardedImageSet, batches: Iterable[list[int]], device:
 
 def default_loader_threads() -> int:
     """Eight threads, or the CPUs this process may use if fewer, shared among the processes torchrun started on
-    this machine. Measured on an H200 host (16 CPUs, 224 px JPEGs, decode cpu): 8 threads fed the features
-    stage 6,090 img/s, 15 threads 5,251 (docs/performance.md)."""
+    this machine. Measured on an H200 host (16 CPUs, 224 px JPEGs, decode cpu, the loader alone): 8 threads
+    12,400 img/s, 15 threads 11,200 (docs/performance.md)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 

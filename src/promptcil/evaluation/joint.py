@@ -23,8 +23,9 @@ def joint_upper_bound(
     `train_set` at once (joint training, so no alignment), on the features the model has now (the frozen
     backbone's, the first-task-adapted prompt's, or the last task's prompt), scored on `test_set`.
     Analytic heads (prototype, ridge) are exact, so for them the bound equals A_last."""
-    train_features = features_of(model, train_set, batch_size, device)  # (members, N, D)
-    test_features = features_of(model, test_set, batch_size, device)
+    # (members, N, D), kept on the device for the head's many small steps (a gather and a copy per step otherwise)
+    train_features = features_of(model, train_set, batch_size, device).to(device)
+    test_features = features_of(model, test_set, batch_size, device).to(device)
     members, _, dim = train_features.shape
     cfg = head_cfg.model_copy(update={"align": head_cfg.align.model_copy(update={"enabled": False})})
     with torch.random.fork_rng(devices=[]):
@@ -35,7 +36,7 @@ def joint_upper_bound(
     labels = train_set.labels.to(device)
 
     def rows(features: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        return features[:, index.cpu()].reshape(-1, dim).to(device)  # member-major, as the model emits them
+        return features[:, index.to(device)].reshape(-1, dim)  # member-major, as the model emits them
 
     def show(training: bool) -> None:
         head.train(training)
@@ -62,6 +63,6 @@ def joint_upper_bound(
             show(training=False)
     head.eval()
     with torch.no_grad():
-        predictions = torch.cat([head(rows(test_features, index)).argmax(1).cpu()
-                                 for index in torch.arange(len(test_set)).split(batch_size)])
+        predictions = torch.cat([head(rows(test_features, index)).argmax(1)
+                                 for index in torch.arange(len(test_set)).split(batch_size)]).cpu()
     return (predictions == test_set.labels).float().mean().item()
