@@ -146,7 +146,7 @@ class TrainConfig(Section):
     compile: bool | Literal["auto"] = Field(
         "auto",
         description="torch.compile the prompted forward (method.compile()): true, false, or auto (on CUDA when "
-        "the run trains for at least 6000 steps, enough to repay a first compilation). Compiled artifacts are "
+        "the run trains for at least 3000 steps, enough to repay a first compilation). Compiled artifacts are "
         "cached in $TORCHINDUCTOR_CACHE_DIR (default ~/.cache/promptcil/torch-compile) for the next run. "
         "Measured on an H100 (ViT-B/16, bf16): APT's training step 1.30x, inference 1.16x eager "
         "(docs/performance.md).",
