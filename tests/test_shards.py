@@ -148,6 +148,17 @@ def test_a_damaged_shard_names_the_original_file(tmp_path: Path, folder: Path) -
         list(device_batches(data, 64, torch.device("cpu")))
 
 
+def test_a_shard_cut_short_names_itself(tmp_path: Path, folder: Path) -> None:
+    """A shard shorter than its index says (an image's bytes past its end would come back short, not as an
+    error of the decoder)."""
+    out = prepared(tmp_path, folder, shards=True).of("prepare")
+    data = read_image_set(out, "train").with_loading("cpu", 2)
+    shard = out / data.shards[int(data.shard[-1])]
+    shard.write_bytes(shard.read_bytes()[:int(data.offset[-1]) + 10])
+    with pytest.raises(DataError, match=rf"shard {shard} is shorter than its index: run the prepare stage again"):
+        list(device_batches(data, 64, torch.device("cpu")))
+
+
 def test_sources_that_cannot_be_sharded_say_so(tmp_path: Path) -> None:
     from stages import prepare
 
