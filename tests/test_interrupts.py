@@ -162,12 +162,12 @@ def task_manifests(train_dir: Path) -> dict[str, dict]:
 
 
 def without_seconds(train_log: Path) -> dict:
-    """The log without what this process did rather than what the run computed: seconds, and the images it
-    forwarded (a resumed process forwards only what was left)."""
+    """The log without what this process did rather than what the run computed: seconds (a task's, and its
+    ending's), and the images it forwarded (a resumed process forwards only what was left)."""
     log = json.loads(train_log.read_text())
     assert log.pop("images_forwarded") > 0
     for task in log["log"]:
-        assert task.pop("seconds") > 0
+        assert task.pop("seconds") > 0 and task.pop("end_seconds") >= 0
     return log
 
 

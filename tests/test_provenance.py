@@ -58,9 +58,10 @@ def outputs_of(project: Path) -> dict[str, str]:
         data = path.read_bytes()
         if path.name == "train_log.json":
             log = json.loads(data)
-            data = json.dumps([{k: v for k, v in task.items() if k != "seconds"} for task in log["log"]]).encode()
+            data = json.dumps([{k: v for k, v in task.items() if not k.endswith("seconds")}
+                               for task in log["log"]]).encode()
         elif path.name == "evaluate.json":  # how the work was split, and how long it took
-            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "seconds"}).encode()
+            data = json.dumps({k: v for k, v in json.loads(data).items() if not k.endswith("seconds")}).encode()
         elif path.suffix == ".json" and path.parent.name == "train" and path.name.startswith("task_"):
             manifest = json.loads(data)  # a task state's manifest records its training time too
             manifest["metadata"].pop("seconds")

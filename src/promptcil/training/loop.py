@@ -46,7 +46,8 @@ class TaskLog:
     seconds: float = 0.0
     """Wall-clock time of the task's training and ending (in this process, when it was resumed)."""
     end_seconds: float = 0.0
-    """Of which the ending: the head's pass over the task's data, alignment, the method's end of task."""
+    """Of which the ending: the head's pass over the task's data, alignment, the method's end of task (0 for a
+    task an earlier process finished: a diagnostic of this process, not kept in the task's state)."""
 
 
 AUGMENT_STREAM = 1 << 40  # added to an epoch's shuffle seed: the seed of its crops and flips, another stream
