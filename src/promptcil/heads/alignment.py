@@ -80,8 +80,9 @@ class ClassGaussians(nn.Module):
         """Accumulate the current task's features; labels at or past `num_classes` are its `new_classes`.
 
         Nothing here waits for the device: a label outside the task is counted (and left out of the sums) and
-        reported by `end_task`, and the outer products are one batched matrix product per batch, not a
-        (B, D, D) tensor scattered row by row."""
+        reported by `end_task`, and the outer products are one batched matrix product per batch (C x B x D^2
+        multiply-adds for the task's C classes, a few milliseconds of float64 on a GPU even for a hundred
+        classes), not a (B, D, D) tensor (1.2 GB at B = 256, D = 768) scattered row by row."""
         local = labels - self.num_classes
         inside = (local >= 0) & (local < new_classes)
         count, total, outer = self.partial_sums(new_classes)
