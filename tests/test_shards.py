@@ -167,6 +167,23 @@ def test_sources_that_cannot_be_sharded_say_so(tmp_path: Path) -> None:
         prepare.run(project_params(tmp_path), Workspace(tmp_path), progress=False)
 
 
+def test_preparing_the_same_files_again_writes_the_same_shards(tmp_path: Path, folder: Path) -> None:
+    """Shards are a function of the files: a second prepare (a second later, in another project) writes them
+    byte for byte, so DVC keeps one copy of each and the stages after prepare see unchanged data. A tar
+    member's time stamp (the clock, by default) would make every prepare a new data version."""
+    import time
+
+    from promptcil.data.prepared import images_sha256
+
+    first = prepared(tmp_path / "a", folder, shards=True).of("prepare")
+    time.sleep(1.1)  # tar keeps whole seconds
+    second = prepared(tmp_path / "b", folder, shards=True).of("prepare")
+    files = sorted(p.relative_to(first) for p in (first / "shards").rglob("*.tar"))
+    assert files and files == sorted(p.relative_to(second) for p in (second / "shards").rglob("*.tar"))
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+    assert images_sha256(first, "train") == images_sha256(second, "train")
+
+
 def test_switching_layout_leaves_no_stale_files(tmp_path: Path, folder: Path) -> None:
     out = prepared(tmp_path, folder, shards=True).of("prepare")
     assert (out / "train.shards.safetensors").exists()

@@ -157,7 +157,9 @@ def _pack_shard(path: Path, files: list[Path], class_name: str) -> tuple[list[tu
     import webdataset as wds
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with wds.TarWriter(str(path), encoder=False) as sink:
+    # mtime fixed: the same files make the same bytes (the clock by default), so a rerun of prepare is not a new
+    # data version for DVC's cache or for the stages after it
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as sink:
         for number, file in enumerate(files):
             payload, extension = checked_payload(file)
             key = f"{class_name}/{number:06d}"
