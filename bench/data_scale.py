@@ -308,7 +308,8 @@ def loader_rates(workspace: Path, batch_size: int) -> dict[str, Any]:
         sys.setswitchinterval(interval)
         sync()
         started = time.perf_counter()
-        class_statistics(backbone, data, batch_size, device, num_classes=10, affinity_classes=range(4))
+        class_statistics(backbone, data, batch_size, device, num_classes=int(train.labels.max()) + 1,
+                         affinity_classes=range(4))
         sync()
         rate = len(data) / (time.perf_counter() - started)
         result["features_in_process"].append({"switch_interval_s": interval, "img_per_s": rate})

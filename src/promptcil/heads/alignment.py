@@ -74,6 +74,7 @@ class ClassGaussians(nn.Module):
             self._count = torch.zeros(new_classes, **like)
             self._sum = torch.zeros(new_classes, self.dim, **like)
             self._outer = torch.zeros(new_classes, self.dim, self.dim, **like)
+            self._outside = torch.zeros((), dtype=torch.int64, device=self.means.device)  # this rank's, not summed
         return [self._count, self._sum, self._outer]
 
     def observe(self, features: torch.Tensor, labels: torch.Tensor, new_classes: int) -> None:
@@ -86,7 +87,7 @@ class ClassGaussians(nn.Module):
         local = labels - self.num_classes
         inside = (local >= 0) & (local < new_classes)
         count, total, outer = self.partial_sums(new_classes)
-        self._outside = self._outside + (~inside).sum() if self._outside is not None else (~inside).sum()
+        self._outside += (~inside).sum()
         member = F.one_hot(torch.where(inside, local, 0), new_classes).to(total) * inside[:, None]  # (B, C)
         x = features.detach().to(total)
         count += member.sum(dim=0)

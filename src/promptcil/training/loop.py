@@ -226,7 +226,8 @@ class IncrementalTrainer:
                     self._show_task(data, training=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        log.seconds, log.end_seconds = time.perf_counter() - started, time.perf_counter() - ending
+        now = time.perf_counter()
+        log.seconds, log.end_seconds = now - started, now - ending
         if not self.ranks.writer:
             return
         self.store.save_task_state(task, self.model.trainable_state(), metadata={
