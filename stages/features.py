@@ -5,9 +5,10 @@ block for a sample of task 0's images (token_sample.safetensors); computed once 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
-from promptcil.artifacts import ArtifactKind, read_json, save_tensors, write_json
+from promptcil.artifacts import ArtifactKind, read_json, save_tensors, saving_in_background, write_json
 from promptcil.backbone import load_recorded_backbone
 from promptcil.config import Params
 from promptcil.data import read_image_set, read_task_split
@@ -24,21 +25,26 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     train = read_image_set(workspace.of("prepare"), "train", p.data)
     split = read_task_split(workspace.of("prepare"))
     base = split.task_classes(0)
-    barrier(ranks)  # every rank has loaded: the time below is the pass, not the ranks' start-up skew
-    started = time.perf_counter()
-    stats = class_statistics(backbone, train, p.eval.batch_size, device,
-                             num_classes=split.task_classes(split.num_tasks - 1).stop, affinity_classes=base)
-    seconds = time.perf_counter() - started  # the pass over every training image, the sums added across ranks
+    out = workspace.out("features")
     sample = sample_images(train, base, p.init.sample_images, p.init.sample_seed)
+    writing = contextlib.nullcontext()
+    if ranks.writer:  # the token sample is small in images: rank 0 computes it alone, first, and writes it while
+        # the pass runs (1 GiB at ViT-B/16: serialising, hashing and fsync are seconds the GPU need not wait)
+        tokens = {"block_token_sample": block_token_sample(backbone, sample, p.eval.batch_size, device)}
+        writing = saving_in_background(out / TOKEN_SAMPLE_FILE, tokens, kind=ArtifactKind.TOKEN_SAMPLE)
+        del tokens
+    with writing as sampled:
+        barrier(ranks)  # every rank has loaded: the time below is the pass, not the ranks' start-up skew
+        started = time.perf_counter()
+        stats = class_statistics(backbone, train, p.eval.batch_size, device,
+                                 num_classes=split.task_classes(split.num_tasks - 1).stop, affinity_classes=base)
+        seconds = time.perf_counter() - started  # the pass over every training image, the sums added across ranks
     summary = {"samples": len(train), "token_sample_images": len(sample), "world_size": ranks.world,
                "samples_per_rank": ranks.shard_sizes(len(train)), "seconds": seconds}
-    if ranks.writer:  # the token sample is small in images: rank 0 computes it alone
-        tokens = {"block_token_sample": block_token_sample(backbone, sample, p.eval.batch_size, device)}
-        # two files: the token sample (1 GiB at ViT-B/16) is read only by the initialisers that draw from it
-        manifest = save_tensors(workspace.out("features") / "features.safetensors", stats, kind=ArtifactKind.FEATURES)
-        sampled = save_tensors(workspace.out("features") / TOKEN_SAMPLE_FILE, tokens, kind=ArtifactKind.TOKEN_SAMPLE)
-        write_json(workspace.out("features") / "features_log.json",
-                   summary | {"sha256": manifest["sha256"], "token_sample_sha256": sampled["sha256"]})
+    if ranks.writer:  # two files: the token sample is read only by the initialisers that draw from it
+        manifest = save_tensors(out / "features.safetensors", stats, kind=ArtifactKind.FEATURES)
+        write_json(out / "features_log.json",
+                   summary | {"sha256": manifest["sha256"], "token_sample_sha256": sampled.result()["sha256"]})
     return summary
 
 

@@ -25,6 +25,7 @@ from promptcil.artifacts import (
     load_weights_file,
     read_json,
     save_tensors,
+    saving_in_background,
     sha256_file,
     verify,
     write_json,
@@ -94,6 +95,27 @@ def test_overwrite_replaces_previous_artifact(tmp_path: Path) -> None:
     assert torch.equal(loaded["w"], torch.ones(5))
     assert manifest["metadata"] == {"version": 2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["head.json", "head.safetensors"]
+
+
+def test_background_save_lands_when_the_block_succeeds_and_is_removed_when_it_fails(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.safetensors"
+    with saving_in_background(path, {"t": torch.arange(6.0)}, kind="token_sample") as pending:
+        pass
+    assert pending.result()["sha256"] == verify(path)["sha256"]
+    assert torch.equal(load_tensors(path, kind="token_sample")[0]["t"], torch.arange(6.0))
+    with pytest.raises(RuntimeError, match="the pass failed"):
+        with saving_in_background(path, {"t": torch.ones(4)}, kind="token_sample"):
+            raise RuntimeError("the pass failed")
+    assert list(tmp_path.iterdir()) == []  # neither the new artifact nor a temporary file
+
+
+def test_background_save_failure_surfaces_after_the_block(tmp_path: Path) -> None:
+    ran = []
+    with pytest.raises(TypeError):
+        with saving_in_background(tmp_path / "t.safetensors", {"t": torch.ones(2)}, kind="x",
+                                  metadata={"bad": object()}):
+            ran.append(True)
+    assert ran == [True] and list(tmp_path.iterdir()) == []
 
 
 def test_unserialisable_metadata_leaves_previous_artifact_loadable(tmp_path: Path) -> None:

@@ -14,6 +14,9 @@ import json
 import os
 import pickle
 import tempfile
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -192,6 +195,25 @@ def save_tensors(
     atomic_write_bytes(path, payload)
     atomic_write_bytes(manifest_file, manifest_bytes)
     return manifest
+
+
+@contextmanager
+def saving_in_background(
+    path: Path, tensors: dict[str, torch.Tensor], kind: str, metadata: dict[str, Any] | None = None
+) -> Iterator[Future[dict]]:
+    """`save_tensors` on a thread while the block runs (its copies, hash and fsync wait on memory and disk,
+    not on the GPU work the block drives); the block's end waits for the write. If the block raises, the
+    artifact is removed once written: a failed stage leaves nothing behind."""
+    with ThreadPoolExecutor(1, thread_name_prefix="save") as pool:
+        pending = pool.submit(save_tensors, path, tensors, kind, metadata)
+        try:
+            yield pending
+        except BaseException:
+            pending.exception()  # the write finished, or failed, before its files are removed
+            manifest_path(path).unlink(missing_ok=True)  # the commit point first
+            Path(path).unlink(missing_ok=True)
+            raise
+        pending.result()  # a failed write raises here, after the block's work
 
 
 def _read_verified(path: Path, kind: str | None) -> tuple[bytes, dict]:

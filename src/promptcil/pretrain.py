@@ -55,8 +55,9 @@ def pretrain_backbone(
     the global batch's size, times the world size that DDP's average divides by, so the step is the
     one-process step up to the order of float additions (an empty shard adds zero)."""
     num_classes = int(data.labels.max()) + 1
-    torch.manual_seed(seed)
-    model = create_vit(cfg, num_classes=num_classes).to(device)
+    torch.manual_seed(seed)  # seeds every device's generator: the initial weights are a function of (seed, device)
+    with torch.device(device):  # initialised where it trains: ViT-B's random init is ~1 s on a CPU, ms on a GPU
+        model = create_vit(cfg, num_classes=num_classes)
     preprocess = DevicePreprocess.from_model(model).to(device)
     if ranks.distributed:  # timm's class token gets a strided gradient (a 1 x D view): harmless, DDP warns
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
