@@ -174,18 +174,25 @@ def save_tensors(
     The manifest is serialised before step 1, so unserialisable metadata fails without
     touching the previous artifact. Returns the manifest.
     """
+    return _commit(*_serialised(path, tensors, kind, metadata))
+
+
+def _serialised(
+    path: Path, tensors: dict[str, torch.Tensor], kind: str, metadata: dict[str, Any] | None
+) -> tuple[Path, bytes, dict]:
+    """The payload's bytes and its manifest, hash to come; unserialisable metadata fails here, before any file."""
     path = _check_payload_path(path)
     prepared = {name: tensor.detach().to("cpu").contiguous() for name, tensor in tensors.items()}
     payload = safetensors.torch.save(prepared)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "kind": kind,
-        "file": path.name,
-        "sha256": hashlib.sha256(payload).hexdigest(),
-        "bytes": len(payload),
-        "tensors": _describe(prepared),
-        "metadata": metadata,
-    }
+    manifest = {"format": MANIFEST_FORMAT, "kind": kind, "file": path.name, "sha256": "", "bytes": len(payload),
+                "tensors": _describe(prepared), "metadata": metadata}
+    _json_bytes(manifest)
+    return path, payload, manifest
+
+
+def _commit(path: Path, payload: bytes, manifest: dict) -> dict:
+    """Steps 1-3 of `save_tensors`' protocol. Hashing and writing release the GIL: this can run on a thread."""
+    manifest = manifest | {"sha256": hashlib.sha256(payload).hexdigest()}
     manifest_bytes = _json_bytes(manifest)
     manifest_file = manifest_path(path)
     try:
@@ -201,11 +208,13 @@ def save_tensors(
 def saving_in_background(
     path: Path, tensors: dict[str, torch.Tensor], kind: str, metadata: dict[str, Any] | None = None
 ) -> Iterator[Future[dict]]:
-    """`save_tensors` on a thread while the block runs (its copies, hash and fsync wait on memory and disk,
-    not on the GPU work the block drives); the block's end waits for the write. If the block raises, the
-    artifact is removed once written: a failed stage leaves nothing behind."""
+    """`save_tensors` whose hashing, writing and fsync run on a thread while the block runs: they wait on memory
+    and disk, not on the GPU work the block drives. Serialising holds the GIL, so it happens first, here (bad
+    metadata fails before the block). The block's end waits for the write; if the block raises, the artifact is
+    removed once written: a failed stage leaves nothing behind."""
+    serialised = _serialised(path, tensors, kind, metadata)
     with ThreadPoolExecutor(1, thread_name_prefix="save") as pool:
-        pending = pool.submit(save_tensors, path, tensors, kind, metadata)
+        pending = pool.submit(_commit, *serialised)
         try:
             yield pending
         except BaseException:
