@@ -27,12 +27,14 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
     base = split.task_classes(0)
     out = workspace.out("features")
     sample = sample_images(train, base, p.init.sample_images, p.init.sample_seed)
+    # every rank passes its shard of the sample first (work split, and every rank starts the pass equally warm);
+    # rank 0 writes the whole while the pass runs (1 GiB at ViT-B/16: hashing and fsync need not stop the GPU)
+    tokens = block_token_sample(backbone, sample, p.eval.batch_size, device)
     writing = contextlib.nullcontext()
-    if ranks.writer:  # the token sample is small in images: rank 0 computes it alone, first, and writes it while
-        # the pass runs (1 GiB at ViT-B/16: serialising, hashing and fsync are seconds the GPU need not wait)
-        tokens = {"block_token_sample": block_token_sample(backbone, sample, p.eval.batch_size, device)}
-        writing = saving_in_background(out / TOKEN_SAMPLE_FILE, tokens, kind=ArtifactKind.TOKEN_SAMPLE)
-        del tokens
+    if tokens is not None:  # rank 0
+        writing = saving_in_background(out / TOKEN_SAMPLE_FILE, {"block_token_sample": tokens},
+                                       kind=ArtifactKind.TOKEN_SAMPLE)
+    del tokens
     with writing as sampled:
         barrier(ranks)  # every rank has loaded: the time below is the pass, not the ranks' start-up skew
         started = time.perf_counter()

@@ -163,6 +163,22 @@ def gather_rows(local: torch.Tensor, total: int, ranks: Ranks, device: torch.dev
     return torch.cat([piece[: s.stop - s.start] for piece, s in zip(pieces, sizes)]).to(local.device)
 
 
+def gather_rows_to_writer(local: torch.Tensor, total: int, ranks: Ranks, device: torch.device) -> torch.Tensor | None:
+    """`gather_rows` for what only rank 0 keeps: the rows in rank order on rank 0 (on `local`'s device), None on
+    the other ranks, which neither receive nor hold the whole."""
+    if not ranks.distributed:
+        return local
+    sizes = [Ranks(r, ranks.world).shard(total) for r in range(ranks.world)]
+    longest = max(s.stop - s.start for s in sizes)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: len(local)] = local.to(device)
+    pieces = [torch.empty_like(padded) for _ in range(ranks.world)] if ranks.writer else None
+    dist.gather(padded, pieces, dst=0)
+    if pieces is None:
+        return None
+    return torch.cat([piece[: s.stop - s.start] for piece, s in zip(pieces, sizes)]).to(local.device)
+
+
 def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
     """`python -m torch.distributed.run --nproc-per-node=N -m MODULE ARGS` (torchrun, with this interpreter)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",

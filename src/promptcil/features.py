@@ -18,7 +18,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from promptcil.backbone import embed_tokens
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
-from promptcil.distributed import all_reduce_sum_, shard_of
+from promptcil.distributed import all_reduce_sum_, gather_rows_to_writer, shard_of
 from promptcil.runtime import HostSink, autocast_for
 
 
@@ -124,20 +124,23 @@ def means_of(statistics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def block_token_sample(
     backbone: VisionTransformer, data: ImageSet, batch_size: int, device: torch.device
-) -> torch.Tensor:
+) -> torch.Tensor | None:
     """(depth + 1, N, patches, D) float32 on CPU: every patch token entering every block, then those leaving
     the last block, for a (small) sample of images: what the token-space initialisers (sampled_tokens,
-    SPT) and SHIP's attribute prototypes draw from."""
+    SPT) and SHIP's attribute prototypes draw from. Under torchrun each rank passes its shard and rank 0
+    receives the whole (the others get None)."""
+    local, ranks = shard_of(data)
     patches = backbone.patch_embed.num_patches
     # an image's tokens are (depth + 1) x patches x D floats (7.8 MB for ViT-B/16 at 224 px): a few dozen per
     # batch keep the GPU busy, where a full batch of 256 made 6 GB of page-locked staging for 3 slots
-    batch_size = max(1, min(batch_size, len(data), TOKEN_BATCH_BYTES // (4 * (len(backbone.blocks) + 1) * patches
-                                                                         * backbone.embed_dim)))
-    sink = HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(data), batch_size,
-                     device)
-    for _, entering in _entering_tokens(backbone, data, batch_size, device, with_output=True):
+    batch_size = max(1, min(batch_size, len(local), TOKEN_BATCH_BYTES // (4 * (len(backbone.blocks) + 1) * patches
+                                                                          * backbone.embed_dim)))
+    sink = HostSink({"tokens": (len(backbone.blocks) + 1, patches, backbone.embed_dim)}, len(local), batch_size,
+                    device)
+    for _, entering in _entering_tokens(backbone, local, batch_size, device, with_output=True):
         sink.put(tokens=torch.stack(entering, dim=1))
-    return sink.finish()["tokens"].transpose(0, 1).contiguous()
+    tokens = gather_rows_to_writer(sink.finish()["tokens"], len(data), ranks, device)
+    return None if tokens is None else tokens.transpose(0, 1).contiguous()
 
 
 def sample_images(data: ImageSet, classes: range, count: int, seed: int) -> ImageSet:

@@ -9,6 +9,7 @@ classes are never seen, so what the prompts add on them is measurable.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 
 import torch
@@ -48,8 +49,9 @@ def pretrain_backbone(
     seed: int = 0,
     progress: bool = True,
     ranks: Ranks = SINGLE,
-) -> tuple[VisionTransformer, list[float]]:
-    """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, plus per-epoch losses. With `ranks`
+) -> tuple[VisionTransformer, list[float], list[float]]:
+    """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, plus per-epoch losses and seconds (the
+    first epoch carries the set-up: initialisation, DDP's bucketing, the kernels' first calls). With `ranks`
     (torchrun), the model is wrapped in DistributedDataParallel (bucketed all-reduces overlapped with the
     backward pass) and each rank trains on its shard of every batch: its loss is its rows' summed loss over
     the global batch's size, times the world size that DDP's average divides by, so the step is the
@@ -74,6 +76,8 @@ def pretrain_backbone(
     generator = torch.Generator().manual_seed(seed)
     max_shift = max(1, cfg.img_size // 16)
     losses: list[float] = []
+    seconds: list[float] = []
+    started = time.perf_counter()
     with Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   disable=not (progress and ranks.writer), transient=True) as bar:
         bar_id = bar.add_task("pretrain", total=steps)
@@ -95,6 +99,7 @@ def pretrain_backbone(
                 scheduler.step()
                 bar.advance(bar_id)
             all_reduce_sum_([total], ranks)
-            losses.append(float(total) / len(data))
+            losses.append(float(total) / len(data))  # waits for the epoch's work: its end on the clock
+            seconds.append(time.perf_counter() - started - sum(seconds))
     model.reset_classifier(0)
-    return freeze(model.cpu()), losses
+    return freeze(model.cpu()), losses, seconds
