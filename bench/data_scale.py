@@ -11,7 +11,9 @@ measured in the same run, peak host memory and disk per stage; then train.compil
 Images: Fashion-MNIST (Debian's package, or --fm-root) upscaled to --size px, each with its own Gaussian noise
 and brightness, saved as JPEG (quality 90) in train/<class>/ and test/<class>/; the smaller size is hard links
 to the first images of each class of the larger. The pipeline: params.yaml with data.shards (imagefolder),
-a random-init ViT, APT + the aligned linear head, 4 + 3 × 2 classes, one epoch per task, augmentation on.
+a ViT with random weights read from a local file (`backbone.source: file`, as a team with its own checkpoint
+runs it; the weights are made once, before the flow), APT + the aligned linear head, 4 + 3 × 2 classes, one
+epoch per task, augmentation on.
 
 Figures (docs/performance.md, "Data at scale"):
 - features: the stage's images / its seconds ÷ the plain forward rate of the harness (target ≥ 0.9).
@@ -150,13 +152,31 @@ def backbone_overrides(args: argparse.Namespace) -> dict[str, int]:
     return {"img_size": args.size, "patch_size": 16}
 
 
+def random_weights(args: argparse.Namespace) -> Path:
+    """The backbone's random weights (seed 0) as a local safetensors file, made once per --work folder: the
+    stages load it as they would a team's checkpoint, instead of each drawing the random init again."""
+    import safetensors.torch
+    import torch
+
+    from promptcil.backbone import create_vit
+    from promptcil.config.sections import BackboneConfig
+
+    path = args.work / f"random-{args.model}-{'quick' if args.quick else args.size}.safetensors"
+    if not path.is_file():
+        torch.manual_seed(0)
+        model = create_vit(BackboneConfig(name=args.model, **backbone_overrides(args)))
+        safetensors.torch.save_file(model.state_dict(), str(path))
+    return path
+
+
 def write_params(workspace: Path, root: Path, args: argparse.Namespace, **train: Any) -> None:
     from promptcil.config import parse_params
 
     raw = {
         "data": {"source": "imagefolder", "root": str(root), "shards": True, "decode": args.decode,
                  "base_classes": 4, "classes_per_task": 2},
-        "backbone": {"name": args.model, "source": "random", **backbone_overrides(args)},
+        "backbone": {"name": args.model, "source": "file", "file": str(random_weights(args)),
+                     **backbone_overrides(args)},
         "method": {"name": "apt"}, "head": {"name": "linear"},
         "train": {"epochs": 1, "batch_size": args.batch_size, "compile": False,
                   "augment": {"crop_scale": [0.5, 1.0], "flip": True}, **train},

@@ -154,13 +154,10 @@ def gather_rows(local: torch.Tensor, total: int, ranks: Ranks, device: torch.dev
     rank and on `local`'s device. Shards differ in size by at most one row: padded for the collective."""
     if not ranks.distributed:
         return local
-    sizes = [Ranks(r, ranks.world).shard(total) for r in range(ranks.world)]
-    longest = max(s.stop - s.start for s in sizes)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: len(local)] = local.to(device)
+    padded, sizes = _padded(local, total, ranks, device)
     pieces = [torch.empty_like(padded) for _ in range(ranks.world)]
     dist.all_gather(pieces, padded)
-    return torch.cat([piece[: s.stop - s.start] for piece, s in zip(pieces, sizes)]).to(local.device)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]).to(local.device)
 
 
 def gather_rows_to_writer(local: torch.Tensor, total: int, ranks: Ranks, device: torch.device) -> torch.Tensor | None:
@@ -168,15 +165,21 @@ def gather_rows_to_writer(local: torch.Tensor, total: int, ranks: Ranks, device:
     the other ranks, which neither receive nor hold the whole."""
     if not ranks.distributed:
         return local
-    sizes = [Ranks(r, ranks.world).shard(total) for r in range(ranks.world)]
-    longest = max(s.stop - s.start for s in sizes)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: len(local)] = local.to(device)
+    padded, sizes = _padded(local, total, ranks, device)
     pieces = [torch.empty_like(padded) for _ in range(ranks.world)] if ranks.writer else None
     dist.gather(padded, pieces, dst=0)
     if pieces is None:
         return None
-    return torch.cat([piece[: s.stop - s.start] for piece, s in zip(pieces, sizes)]).to(local.device)
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)]).to(local.device)
+
+
+def _padded(local: torch.Tensor, total: int, ranks: Ranks, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """This rank's shard on `device`, padded to the longest shard (collectives move equal shapes), and every
+    rank's shard size."""
+    sizes = ranks.shard_sizes(total)
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: len(local)] = local.to(device)
+    return padded, sizes
 
 
 def torchrun_command(module: str, nproc: int, args: list[str]) -> list[str]:
