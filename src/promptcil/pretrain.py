@@ -51,7 +51,7 @@ def pretrain_backbone(
     ranks: Ranks = SINGLE,
 ) -> tuple[VisionTransformer, list[float], list[float]]:
     """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, plus per-epoch losses and seconds (the
-    first epoch carries the set-up: initialisation, DDP's bucketing, the kernels' first calls). With `ranks`
+    first epoch carries the warm-up: DDP's bucket rebuild, every kernel's first call). With `ranks`
     (torchrun), the model is wrapped in DistributedDataParallel (bucketed all-reduces overlapped with the
     backward pass) and each rank trains on its shard of every batch: its loss is its rows' summed loss over
     the global batch's size, times the world size that DDP's average divides by, so the step is the
