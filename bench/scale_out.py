@@ -3,6 +3,7 @@ GPU workers, each through the product's own commands; speed-ups against their ta
 
     python bench/scale_out.py --data-root DIR                 # the device run: ViT-B/16, 224 px, bf16
     python bench/scale_out.py --data-root DIR --skip-study    # the stages only
+    python bench/scale_out.py --stages pretrain --skip-study --pretrain-compile true   # compiled, warm cache
     python bench/scale_out.py --quick                         # CPU smoke test (gloo, a tiny ViT, digits)
 
 Stages: one workspace (Fashion-MNIST B4 + 3 tasks of 2 at --img-size, random-init ViT pretrained for three
@@ -52,7 +53,7 @@ def stage_params(args: argparse.Namespace, nproc: int) -> dict[str, Any]:
         "data": data,
         "backbone": {**backbone, "source": "pretrain",
                      "pretrain": {"data": "base_classes", "epochs": args.pretrain_epochs, "batch_size": batch,
-                                  "lr": 1e-3}},
+                                  "lr": 1e-3, "compile": args.pretrain_compile}},
         "method": {"name": "apt"},
         "head": {"name": "linear"},
         "train": {"epochs": 1, "batch_size": batch, "device": args.device, "nproc": nproc},
@@ -106,6 +107,10 @@ def bench_stages(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str
         row: dict[str, Any] = {"stage": stage}
         for nproc in (1, args.nproc):
             write_params(root, stage_params(args, nproc))
+            if stage == "pretrain" and args.pretrain_compile is True:  # a run that fills the compile cache first
+                cold = run([*python, f"stages.{stage}", "--root", str(root), "--no-progress"], env)
+                images, seconds = stage_record(root, stage)
+                row[f"n{nproc}_cold_cache"] = {"images_per_s": images / seconds, "wall_s": cold}
             wall = run([*python, f"stages.{stage}", "--root", str(root), "--no-progress"], env)
             images, seconds = stage_record(root, stage)
             row[f"n{nproc}"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds, "wall_s": wall}
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--pretrain-epochs", type=int, default=3,
                    help="pretraining epochs on the base classes: more than one so the first steps' warm-up (kernel "
                         "choice, allocator, NCCL buckets) does not dominate (default %(default)s)")
+    p.add_argument("--pretrain-compile", type=lambda text: {"true": True, "false": False}.get(text, text),
+                   default="auto", choices=["auto", True, False],
+                   help="backbone.pretrain.compile: auto (default), true (each N runs once to fill the compile "
+                        "cache, then the timed run), false")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (default %(default)s)")
     p.add_argument("--study", type=Path, default=REPO / "configs/studies/scale-out.yaml",
                    help="(default: configs/studies/scale-out.yaml)")
@@ -222,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU", "nproc": args.nproc,
         "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),
         "model": "vit_tiny (4 blocks, 48 wide)" if args.quick else args.model,
-        "img_size": 16 if args.quick else args.img_size, "batch_size": 32 if args.quick else args.batch_size}}
+        "img_size": 16 if args.quick else args.img_size, "batch_size": 32 if args.quick else args.batch_size,
+        "pretrain_compile": args.pretrain_compile}}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scale-out-{time.strftime('%Y%m%d-%H%M%S')}.json"
     report["stages"] = bench_stages(args, env) if [s for s in args.stages if s] else []

@@ -28,11 +28,11 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
         data = pretraining_data(p, workspace, progress=progress)
         barrier(ranks)  # every rank has its data: the time below is training, not the ranks' start-up skew
         loaded = time.perf_counter()
-        model, losses, epoch_seconds = pretrain_backbone(p.backbone, data, device, seed=p.train.seed,
-                                                         progress=progress, ranks=ranks)
+        pretrained = pretrain_backbone(p.backbone, data, device, seed=p.train.seed, progress=progress, ranks=ranks)
+        model = pretrained.model
         info |= {"data": p.backbone.pretrain.data, "train_images": len(data),
-                 "classes": int(data.labels.unique().numel()), "epoch_losses": losses,
-                 "epoch_seconds": epoch_seconds,
+                 "classes": int(data.labels.unique().numel()), "epoch_losses": pretrained.epoch_losses,
+                 "epoch_seconds": pretrained.epoch_seconds, "compiled": pretrained.compiled,
                  "samples_per_rank": samples_per_rank(len(data), p.backbone.pretrain.batch_size, ranks.world),
                  "data_seconds": loaded - started, "seconds": time.perf_counter() - loaded}
         if ranks.writer:

@@ -92,7 +92,7 @@ def random_backbone():
 def _pretrained_once(digits_tasks: DigitsTasks):
     params = make_params(backbone={"source": "pretrain", "pretrain": {"epochs": 60, "lr": 2e-3}})
     base = subset(digits_tasks.train, list(digits_tasks.split.task_classes(0)))
-    backbone, _, _ = pretrain_backbone(params.backbone, base, torch.device("cpu"), progress=False)
+    backbone = pretrain_backbone(params.backbone, base, torch.device("cpu"), progress=False).model
     return backbone
 
 

@@ -109,7 +109,7 @@ def test_digits_run_beats_chance_by_far(
 def test_compile_auto_compiles_only_long_cuda_runs_and_keeps_its_cache(tmp_path, monkeypatch) -> None:
     import os
 
-    from promptcil.training.compiling import AUTO_MIN_STEPS, compile_cache, should_compile
+    from promptcil.compiling import AUTO_MIN_STEPS, compile_cache, should_compile
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not should_compile("auto", cpu, 10 * AUTO_MIN_STEPS)  # never on a CPU by itself
@@ -124,7 +124,33 @@ def test_compile_auto_compiles_only_long_cuda_runs_and_keeps_its_cache(tmp_path,
     assert compile_cache() == tmp_path / "own" and (tmp_path / "own").is_dir()  # the user's choice wins
 
 
-def test_a_compiled_run_builds_one_training_and_one_inference_graph_and_matches_eager(
+def test_a_compiled_pretraining_builds_one_graph_whatever_the_batch_size_and_shift(digits_tasks, tmp_path, monkeypatch):
+    """backbone.pretrain.compile: the random shift is a different crop of the padded batch every step and an
+    epoch ends on a smaller batch; neither compiles the forward again (a crop's storage offset did, on the device:
+    docs/scaling.md). The compiled pretraining learns as the eager one does."""
+    from torch._dynamo.utils import counters
+
+    from promptcil.data import subset
+    from promptcil.pretrain import pretrain_backbone
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
+    base = subset(digits_tasks.train, list(digits_tasks.split.task_classes(0)))
+    assert len(base) % 64  # an epoch ends on a smaller batch
+    pretrained = {}
+    for setting in (False, True):
+        torch._dynamo.reset()
+        counters.clear()
+        params = make_params(backbone={"source": "pretrain", "pretrain": {"epochs": 4, "batch_size": 64,
+                                                                          "compile": setting}})
+        pretrained[setting] = pretrain_backbone(params.backbone, base, torch.device("cpu"), progress=False)
+    assert pretrained[True].compiled and not pretrained[False].compiled
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert pretrained[True].epoch_losses[-1] < 0.95 * pretrained[True].epoch_losses[0]  # it learns
+    assert pretrained[True].epoch_losses == pytest.approx(pretrained[False].epoch_losses, rel=0.02)
+    torch._dynamo.reset()
+
+
+def test_a_compiled_run_builds_two_graphs_matches_eager_and_a_second_run_takes_them_from_the_cache(
         random_backbone, digits_tasks, tmp_path, monkeypatch):
     """train.compile: the batch dimension is marked dynamic, so a task's last, smaller batch (and every evaluation
     batch size) reuses the graph instead of compiling another (3 graphs before; the time it saves:
@@ -144,4 +170,11 @@ def test_a_compiled_run_builds_one_training_and_one_inference_graph_and_matches_
     compiled = evaluate(model, digits_tasks, tmp_path / "compiled")
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     assert compiled["A_last"] == pytest.approx(eager["A_last"], abs=0.02)
+    torch._dynamo.reset()
+    counters.clear()  # a second run (Dynamo's in-memory state gone) takes both graphs from the caches on disk
+    again = evaluate(run(compiled_params, random_backbone, digits_tasks, tmp_path / "again"), digits_tasks,
+                     tmp_path / "again")
+    assert dict(counters["aot_autograd"]) == {"total": 2, "autograd_cache_hit": 2, "ok": 2}, dict(counters)
+    assert counters["inductor"]["fxgraph_cache_hit"] >= 2 and not counters["inductor"]["fxgraph_cache_miss"]
+    assert again["A_last"] == compiled["A_last"]
     torch._dynamo.reset()

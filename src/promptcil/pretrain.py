@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.nn.parallel import DistributedDataParallel
 
 from promptcil.backbone import create_vit, freeze
+from promptcil.compiling import compile_cache, should_compile
 from promptcil.config.sections import BackboneConfig
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
 from promptcil.distributed import SINGLE, Ranks, all_reduce_sum_
@@ -38,7 +40,21 @@ def random_shift(images: torch.Tensor, max_shift: int, offsets: tuple[int, int])
     padded = F.pad(images, [max_shift] * 4, mode="replicate")
     dx, dy = offsets
     h, w = images.shape[-2:]
-    return padded[..., dy : dy + h, dx : dx + w]
+    # contiguous: the same layout for every offset, where a view's storage offset would make a compiled forward
+    # (backbone.pretrain.compile) compile again (the patch embedding's convolution copies a view anyway)
+    return padded[..., dy : dy + h, dx : dx + w].contiguous()
+
+
+@dataclass
+class Pretrained:
+    """A pretraining's frozen backbone and what its record reports: per-epoch losses and seconds (the first
+    epoch carries the warm-up: DDP's bucket rebuild, every kernel's first call, a compilation), and whether the
+    forward was compiled (backbone.pretrain.compile)."""
+
+    model: VisionTransformer
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_seconds: list[float] = field(default_factory=list)
+    compiled: bool = False
 
 
 def pretrain_backbone(
@@ -49,9 +65,9 @@ def pretrain_backbone(
     seed: int = 0,
     progress: bool = True,
     ranks: Ranks = SINGLE,
-) -> tuple[VisionTransformer, list[float], list[float]]:
-    """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, plus per-epoch losses and seconds (the
-    first epoch carries the warm-up: DDP's bucket rebuild, every kernel's first call). With `ranks`
+) -> Pretrained:
+    """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, with its epochs' losses and seconds.
+    With `ranks`
     (torchrun), the model is wrapped in DistributedDataParallel (bucketed all-reduces overlapped with the
     backward pass) and each rank trains on its shard of every batch: its loss is its rows' summed loss over
     the global batch's size, times the world size that DDP's average divides by, so the step is the
@@ -72,6 +88,10 @@ def pretrain_backbone(
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay,
                                   fused=device.type == "cuda")
     steps = p.epochs * math.ceil(len(data) / p.batch_size)
+    compiled = should_compile(p.compile, device, steps)
+    if compiled:  # around DDP: Dynamo splits the graph at DDP's buckets so their all-reduces still overlap
+        compile_cache()
+        forward = torch.compile(forward)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     max_shift = max(1, cfg.img_size // 16)
@@ -90,6 +110,8 @@ def pretrain_backbone(
                 optimizer.zero_grad(set_to_none=True)
                 batch = min(p.batch_size, len(data) - step * p.batch_size)  # the global batch's size
                 images = random_shift(preprocess(images), max_shift, offsets)
+                if compiled:  # an epoch's last, smaller batch reuses the graph instead of compiling a second
+                    torch._dynamo.maybe_mark_dynamic(images, 0)
                 with autocast_for(device):
                     summed = F.cross_entropy(forward(images).float(), labels, label_smoothing=p.label_smoothing,
                                              reduction="sum")
@@ -102,4 +124,4 @@ def pretrain_backbone(
             losses.append(float(total) / len(data))  # waits for the epoch's work: its end on the clock
             seconds.append(time.perf_counter() - started - sum(seconds))
     model.reset_classifier(0)
-    return freeze(model.cpu()), losses, seconds
+    return Pretrained(freeze(model.cpu()), losses, seconds, compiled)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from promptcil.compiling import compile_cache, should_compile
 from promptcil.config.sections import TrainConfig
 from promptcil.data import ImageSet, TaskSplit, device_batches, subset
 from promptcil.data.augment import apply_crops, draw_crops
@@ -31,7 +32,6 @@ from promptcil.provenance import producer_record
 from promptcil.runtime import autocast_for, resolve_device
 from promptcil.training.adaptation import first_session_adapter
 from promptcil.training.checkpoints import CheckpointStore, ResumePoint
-from promptcil.training.compiling import compile_cache, should_compile
 from promptcil.training.step import make_optimizer, set_epoch_lr, shuffle_seed, train_step
 
 logger = logging.getLogger("promptcil")
@@ -123,7 +123,7 @@ class IncrementalTrainer:
         return logs
 
     def _compile_if_it_pays(self, train_set: ImageSet, tasks: list[int]) -> None:
-        """train.compile (promptcil.training.compiling): the steps counted are every task's when the head trains,
+        """train.compile (promptcil.compiling): the steps counted are every task's when the head trains,
         else the first task's (an analytic head after it only observes)."""
         if self.compiled:
             return
