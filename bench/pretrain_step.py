@@ -32,14 +32,13 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Inside torchrun (or one process): every variant's steady-state step, this rank's share of the batch."""
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.nn.parallel import DistributedDataParallel
 
     from promptcil.backbone import create_vit
     from promptcil.config.sections import BackboneConfig
     from promptcil.data import DevicePreprocess
-    from promptcil.runtime import autocast_for
+    from promptcil.pretrain import pretraining_step
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and not args.quick
@@ -73,11 +72,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         def steps(count: int, forward: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
             started = time.perf_counter()
             for _ in range(count):  # promptcil.pretrain's step, on fixed device-resident batches
-                optimizer.zero_grad(set_to_none=True)
-                with autocast_for(device):
-                    summed = F.cross_entropy(forward(preprocess(images)).float(), labels, reduction="sum")
-                (summed * (world / args.batch_size)).backward()
-                optimizer.step()
+                pretraining_step(forward, optimizer, preprocess(images), labels, loss_scale=world / args.batch_size,
+                                 label_smoothing=cfg.pretrain.label_smoothing, device=device)
             if cuda:
                 torch.cuda.synchronize()
             return time.perf_counter() - started

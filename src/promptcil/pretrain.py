@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +52,23 @@ class Pretrained:
     forward was compiled (backbone.pretrain.compile)."""
 
     model: VisionTransformer
-    epoch_losses: list[float] = field(default_factory=list)
-    epoch_seconds: list[float] = field(default_factory=list)
-    compiled: bool = False
+    epoch_losses: list[float]
+    epoch_seconds: list[float]
+    compiled: bool
+
+
+def pretraining_step(
+    forward: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor, *,
+    loss_scale: float, label_smoothing: float, device: torch.device,
+) -> torch.Tensor:
+    """One optimizer step on a preprocessed batch; returns its summed loss, detached. The backward runs on the
+    summed loss times `loss_scale`: the world size over the global batch's size (see `pretrain_backbone`)."""
+    optimizer.zero_grad(set_to_none=True)
+    with autocast_for(device):
+        summed = F.cross_entropy(forward(images).float(), labels, label_smoothing=label_smoothing, reduction="sum")
+    (summed * loss_scale).backward()
+    optimizer.step()
+    return summed.detach()
 
 
 def pretrain_backbone(
@@ -67,8 +81,7 @@ def pretrain_backbone(
     ranks: Ranks = SINGLE,
 ) -> Pretrained:
     """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, with its epochs' losses and seconds.
-    With `ranks`
-    (torchrun), the model is wrapped in DistributedDataParallel (bucketed all-reduces overlapped with the
+    With `ranks` (torchrun), the model is wrapped in DistributedDataParallel (bucketed all-reduces overlapped with the
     backward pass) and each rank trains on its shard of every batch: its loss is its rows' summed loss over
     the global batch's size, times the world size that DDP's average divides by, so the step is the
     one-process step up to the order of float additions (an empty shard adds zero)."""
@@ -107,17 +120,12 @@ def pretrain_backbone(
             batches = device_batches(data, p.batch_size, device, shuffle=True, seed=seed * 7919 + epoch, ranks=ranks)
             for step, (images, labels) in enumerate(batches):
                 offsets = shift_offsets(max_shift, generator)
-                optimizer.zero_grad(set_to_none=True)
                 batch = min(p.batch_size, len(data) - step * p.batch_size)  # the global batch's size
                 images = random_shift(preprocess(images), max_shift, offsets)
                 if compiled:  # an epoch's last, smaller batch reuses the graph instead of compiling a second
                     torch._dynamo.maybe_mark_dynamic(images, 0)
-                with autocast_for(device):
-                    summed = F.cross_entropy(forward(images).float(), labels, label_smoothing=p.label_smoothing,
-                                             reduction="sum")
-                (summed * (ranks.world / batch)).backward()  # one process: the batch's mean loss
-                total += summed.detach()
-                optimizer.step()
+                total += pretraining_step(forward, optimizer, images, labels, loss_scale=ranks.world / batch,
+                                          label_smoothing=p.label_smoothing, device=device)  # 1 process: the mean
                 scheduler.step()
                 bar.advance(bar_id)
             all_reduce_sum_([total], ranks)
