@@ -7,13 +7,17 @@ batch, under DDP variants. Splits the measured speed-up into the per-rank batch'
     python bench/pretrain_step.py --quick                  # CPU smoke test: gloo, a tiny ViT
 
 Variants (each a fresh model): eager; `static_graph` (DDP's static graph); `bucket100` (100 MB buckets);
-`bf16_hook` (gradients all-reduced in bf16: changes the numbers); `compiled` (torch.compile of the DDP model,
-steady state after its compilation).
+`bf16_hook` (gradients all-reduced in bf16: changes the numbers); `compiled` (the stage's: DDP around the
+compiled model, one graph, the all-reduces after the backward; steady state after its compilation);
+`compiled_split` (torch.compile of the DDP model, Dynamo's graph split at DDP's buckets so that their all-reduces
+overlap the backward; AOTAutograd's cache refuses the split graphs). eager and compiled are built by the stage's
+own `training_forward`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -25,7 +29,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "bench"), str(REPO / "src"), str(REPO)]
 
-VARIANTS = ("eager", "static_graph", "bucket100", "bf16_hook", "compiled")
+VARIANTS = ("eager", "static_graph", "bucket100", "bf16_hook", "compiled", "compiled_split")
 
 
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -38,7 +42,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     from promptcil.backbone import create_vit
     from promptcil.config.sections import BackboneConfig
     from promptcil.data import DevicePreprocess
-    from promptcil.pretrain import pretraining_step
+    from promptcil.distributed import Ranks
+    from promptcil.pretrain import one_graph_under_ddp, pretraining_step, training_forward
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and not args.quick
@@ -50,21 +55,23 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     cfg = BackboneConfig(name=args.model, img_size=args.img_size, patch_size=args.patch_size,
                          **({"embed_dim": 48, "depth": 4, "num_heads": 3} if args.quick else {}))
     local = args.batch_size // world
+    ranks = Ranks(int(os.environ.get("RANK", "0")), world, device.index or 0)
     results = []
     for variant in args.variants:
         torch.manual_seed(0)
         with torch.device(device):
             model = create_vit(cfg, num_classes=4)
         preprocess = DevicePreprocess.from_model(model).to(device)
-        forward: torch.nn.Module = model
-        if world > 1:
+        if variant in ("eager", "compiled"):
+            forward = training_forward(model, device, ranks, compiled=variant == "compiled")
+        else:  # DDP's knobs, and the compiled DDP model that Dynamo splits at DDP's buckets
             forward = DistributedDataParallel(
                 model, device_ids=[device.index] if cuda else None, gradient_as_bucket_view=True,
                 static_graph=variant == "static_graph", bucket_cap_mb=100 if variant == "bucket100" else None)
             if variant == "bf16_hook":
                 forward.register_comm_hook(None, default_hooks.bf16_compress_hook)
-        if variant == "compiled":
-            forward = torch.compile(forward)
+            if variant == "compiled_split":
+                forward = torch.compile(forward)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
         images = torch.randint(0, 256, (local, 1, 28, 28), dtype=torch.uint8, device=device)
         labels = torch.randint(0, 4, (local,), device=device)
@@ -78,7 +85,8 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 torch.cuda.synchronize()
             return time.perf_counter() - started
 
-        warmup_s = steps(args.warmup, forward, optimizer)
+        with contextlib.nullcontext() if variant == "compiled_split" else one_graph_under_ddp():  # as the stage
+            warmup_s = steps(args.warmup, forward, optimizer)
         if world > 1:
             dist.barrier()
         seconds = steps(args.steps, forward, optimizer)
@@ -140,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     half = next(r for r in rows if r["world"] == 1 and r["global_batch"] != args.batch_size)
     for r in rows:
         if r["world"] > 1:
-            base = one.get(r["variant"], one["eager"])
+            base = one.get(r["variant"].removesuffix("_split"), one["eager"])
             r["speedup"] = r["img_per_s"] / base["img_per_s"]
     report = {"meta": {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
                        "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d"),

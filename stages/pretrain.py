@@ -33,6 +33,7 @@ def run(params: Params, workspace: Workspace, *, progress: bool = True) -> dict:
         info |= {"data": p.backbone.pretrain.data, "train_images": len(data),
                  "classes": int(data.labels.unique().numel()), "epoch_losses": pretrained.epoch_losses,
                  "epoch_seconds": pretrained.epoch_seconds, "compiled": pretrained.compiled,
+                 "compile_cache": pretrained.compile_cache,
                  "samples_per_rank": samples_per_rank(len(data), p.backbone.pretrain.batch_size, ranks.world),
                  "data_seconds": loaded - started, "seconds": time.perf_counter() - loaded}
         if ranks.writer:

@@ -20,7 +20,7 @@ from promptcil.distributed import samples_per_rank
 from promptcil.workspace import STAGE_FOLDERS, Workspace
 from stages import evaluate, train
 
-from conftest import REPO, project_params, run_stages_before_train, write_params
+from conftest import REPO, TINY_BACKBONE, project_params, run_stages_before_train, write_params
 
 # float32 sums in another order (two shards, a gloo all-reduce) and nothing else
 ATOL = 1e-4
@@ -103,6 +103,30 @@ def test_pretrain_on_two_processes_trains_the_one_process_backbone(projects):
         with torch.no_grad():
             features.append(backbone.forward_features(DevicePreprocess.from_model(backbone)(images)))
     torch.testing.assert_close(features[1], features[0], atol=1e-3, rtol=1e-3)
+
+
+def test_a_compiled_pretraining_on_two_processes_takes_its_graph_from_the_cache_the_second_time(
+        tmp_path, monkeypatch):
+    """backbone.pretrain.compile under torchrun: the ViT is compiled as one graph inside DDP. Compiling the DDP model
+    made Dynamo split it at DDP's gradient buckets (this ViT's 7 MB of weights: two parts), and AOTAutograd's cache
+    refuses split graphs, so every run compiled them again (~30 s of ViT-B on two H200s: docs/scaling.md)."""
+    from stages import prepare
+
+    write_params(tmp_path, backbone={**TINY_BACKBONE, "embed_dim": 192, "source": "pretrain",
+                                     "pretrain": {"epochs": 2, "lr": 2e-3, "compile": True}},
+                 train={"device": "cpu", "nproc": 2})
+    prepare.run(project_params(tmp_path), Workspace(tmp_path), progress=False)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "compile-cache"))
+    records = []
+    for _ in range(2):
+        done = run_stage("pretrain", tmp_path)
+        assert done.returncode == 0, done.stderr
+        records.append(read_json(tmp_path / "outputs/backbone/backbone.json"))
+    first, second = records
+    assert first["compiled"] and first["world_size"] == 2
+    assert first["compile_cache"] == {"hit": 0, "miss": 1, "bypass": 0}  # one graph, compiled and kept
+    assert second["compile_cache"] == {"hit": 1, "miss": 0, "bypass": 0}  # taken from the cache
+    assert second["epoch_losses"] == first["epoch_losses"]
 
 
 def test_features_under_torchrun_gather_every_rank_in_data_order(projects):

@@ -48,3 +48,12 @@ def compile_cache() -> Path:
     # hashes, and its only state is an int that the trace bakes in.
     functorch.autograd_cache_allow_custom_autograd_functions = True
     return folder
+
+
+def aot_cache_counts() -> dict[str, int]:
+    """AOTAutograd's cache in this process so far: graphs it served (hit), compiled and saved (miss) and refused
+    (bypass: compiled again every run). Dynamo's counters, the ones PyTorch's own cache tests read."""
+    from torch._dynamo.utils import counters
+
+    aot = counters["aot_autograd"]
+    return {outcome: aot[f"autograd_cache_{outcome}"] for outcome in ("hit", "miss", "bypass")}

@@ -8,6 +8,7 @@ classes are never seen, so what the prompts add on them is measurable.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -20,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch.nn.parallel import DistributedDataParallel
 
 from promptcil.backbone import create_vit, freeze
-from promptcil.compiling import compile_cache, should_compile
+from promptcil.compiling import aot_cache_counts, compile_cache, should_compile
 from promptcil.config.sections import BackboneConfig
 from promptcil.data import DevicePreprocess, ImageSet, device_batches
 from promptcil.distributed import SINGLE, Ranks, all_reduce_sum_
@@ -48,13 +49,39 @@ def random_shift(images: torch.Tensor, max_shift: int, offsets: tuple[int, int])
 @dataclass
 class Pretrained:
     """A pretraining's frozen backbone and what its record reports: per-epoch losses and seconds (the first
-    epoch carries the warm-up: DDP's bucket rebuild, every kernel's first call, a compilation), and whether the
-    forward was compiled (backbone.pretrain.compile)."""
+    epoch carries the warm-up: DDP's bucket rebuild, every kernel's first call, a compilation), whether the
+    forward was compiled (backbone.pretrain.compile) and, if so, how AOTAutograd's cache served its graphs
+    (`aot_cache_counts`: a warm cache's run is all hits)."""
 
     model: VisionTransformer
     epoch_losses: list[float]
     epoch_seconds: list[float]
     compiled: bool
+    compile_cache: dict[str, int] | None
+
+
+def training_forward(model: torch.nn.Module, device: torch.device, ranks: Ranks, *, compiled: bool) -> torch.nn.Module:
+    """What a pretraining step calls: the model, compiled if asked (its cache: `compile_cache`), in DDP under
+    torchrun. Compiled inside DDP, so that Dynamo traces none of DDP's Python and one process compiles the same
+    graph; compile it as one graph there (`one_graph_under_ddp`)."""
+    forward = model
+    if compiled:
+        compile_cache()
+        forward = torch.compile(model)
+    if ranks.distributed:  # gradient_as_bucket_view: gradients are views into DDP's all-reduce buckets, not copies
+        # timm's class token gets a strided gradient (a 1 x D view): harmless, DDP warns
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
+                                          gradient_as_bucket_view=True)
+    return forward
+
+
+def one_graph_under_ddp() -> contextlib.AbstractContextManager:
+    """While a compiled forward runs inside DDP, compile it as one graph (Dynamo's DDPOptimizer off). The split it
+    would make at DDP's gradient buckets lets their all-reduces overlap the backward, but AOTAutograd's cache
+    refuses split graphs ("fakify_first_call"), so every run would trace and partition each part again (~30 s of
+    ViT-B on two H200s, docs/scaling.md)."""
+    return torch._dynamo.config.patch(optimize_ddp=False)
 
 
 def pretraining_step(
@@ -81,38 +108,34 @@ def pretrain_backbone(
     ranks: Ranks = SINGLE,
 ) -> Pretrained:
     """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, with its epochs' losses and seconds.
-    With `ranks` (torchrun), the model is wrapped in DistributedDataParallel (bucketed all-reduces overlapped with the
-    backward pass) and each rank trains on its shard of every batch: its loss is its rows' summed loss over
-    the global batch's size, times the world size that DDP's average divides by, so the step is the
-    one-process step up to the order of float additions (an empty shard adds zero)."""
+    With `ranks` (torchrun), the model is wrapped in DistributedDataParallel (eager: bucketed all-reduces
+    overlapped with the backward pass; compiled: after it, see `one_graph_under_ddp`) and each rank trains on its
+    shard of every batch: its loss is its rows' summed loss over the global batch's size, times the world size
+    that DDP's average divides by, so the step is the one-process step up to the order of float additions (an
+    empty shard adds zero)."""
     num_classes = int(data.labels.max()) + 1
     torch.manual_seed(seed)  # seeds every device's generator: the initial weights are a function of (seed, device)
     with torch.device(device):  # initialised where it trains: ViT-B's random init is ~1 s on a CPU, ms on a GPU
         model = create_vit(cfg, num_classes=num_classes)
     preprocess = DevicePreprocess.from_model(model).to(device)
-    if ranks.distributed:  # timm's class token gets a strided gradient (a 1 x D view): harmless, DDP warns
-        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, not copied into them
-    forward = model if not ranks.distributed else DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     p = cfg.pretrain
+    steps = p.epochs * math.ceil(len(data) / p.batch_size)
+    compiled = should_compile(p.compile, device, steps)
+    forward = training_forward(model, device, ranks, compiled=compiled)
     # on CUDA one fused kernel per step: the optimizer's work is the same on every rank, so its launch
     # overhead is the part of a step that more GPUs do not shorten
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay,
                                   fused=device.type == "cuda")
-    steps = p.epochs * math.ceil(len(data) / p.batch_size)
-    compiled = should_compile(p.compile, device, steps)
-    if compiled:  # around DDP: Dynamo splits the graph at DDP's buckets so their all-reduces still overlap
-        compile_cache()
-        forward = torch.compile(forward)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=p.lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     max_shift = max(1, cfg.img_size // 16)
     losses: list[float] = []
     seconds: list[float] = []
+    cache_before = aot_cache_counts()
     started = time.perf_counter()
-    with Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not (progress and ranks.writer), transient=True) as bar:
+    with one_graph_under_ddp(), Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
+                                          TimeElapsedColumn(), disable=not (progress and ranks.writer),
+                                          transient=True) as bar:
         bar_id = bar.add_task("pretrain", total=steps)
         for epoch in range(p.epochs):
             model.train()
@@ -132,4 +155,5 @@ def pretrain_backbone(
             losses.append(float(total) / len(data))  # waits for the epoch's work: its end on the clock
             seconds.append(time.perf_counter() - started - sum(seconds))
     model.reset_classifier(0)
-    return Pretrained(freeze(model.cpu()), losses, seconds, compiled)
+    cache = {k: n - cache_before[k] for k, n in aot_cache_counts().items()} if compiled else None
+    return Pretrained(freeze(model.cpu()), losses, seconds, compiled, cache)
