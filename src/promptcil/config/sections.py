@@ -70,10 +70,10 @@ class PretrainConfig(Section):
     label_smoothing: float = Field(0.1, ge=0, lt=1, description="Label smoothing of the pretraining cross-entropy.")
     compile: bool | Literal["auto"] = Field(
         "auto",
-        description="torch.compile the pretraining forward (with DDP under torchrun): true, false, or auto (on CUDA "
-        "when pretraining takes at least 3000 steps, as train.compile). Measured on an H200 (ViT-B/16, bf16, "
-        "batch 256): the step 1.27x eager on one GPU, 1.86x one GPU on two (eager 1.83x), ~18 s to compile "
-        "(docs/scaling.md).",
+        description="torch.compile the pretraining forward (under torchrun: the ViT as one graph inside DDP, which "
+        "the compile cache keeps for the next run): true, false, or auto (on CUDA when pretraining takes at least "
+        "3000 steps, as train.compile). Measured on an H200 (ViT-B/16, bf16, batch 256): the step 1.27x eager on "
+        "one GPU, ~18 s to compile with an empty cache (docs/scaling.md).",
     )
     fractal: FractalConfig = FractalConfig()
 
