@@ -6,7 +6,7 @@ GPU workers, each through the product's own commands; speed-ups against their ta
     python bench/scale_out.py --stages pretrain --skip-study --pretrain-compile true   # compiled, warm cache
     python bench/scale_out.py --quick                         # CPU smoke test (gloo, a tiny ViT, digits)
 
-Stages: one workspace (Fashion-MNIST B4 + 3 tasks of 2 at --img-size, random-init ViT pretrained for three
+Stages: one workspace (Fashion-MNIST B4 + 3 tasks of 2 at --img-size, random-init ViT pretrained for 12
 epochs on the base classes, APT with the aligned linear head, one epoch per task); each of pretrain, features,
 train and evaluate runs as `python -m stages.<stage>` with train.nproc = 1, then N (the stage starts
 torchrun itself). A stage's rate is its images over the seconds its own record reports for the work (the
@@ -201,9 +201,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--model", default="vit_base_patch16_224", help="timm ViT, random init (default %(default)s)")
     p.add_argument("--img-size", type=int, default=224, help="(default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="global batch (default %(default)s)")
-    p.add_argument("--pretrain-epochs", type=int, default=3,
-                   help="pretraining epochs on the base classes: more than one so the first steps' warm-up (kernel "
-                        "choice, allocator, NCCL buckets) does not dominate (default %(default)s)")
+    p.add_argument("--pretrain-epochs", type=int,
+                   help="pretraining epochs on the base classes (default 12, --quick 3): enough that the first "
+                        "epoch's warm-up (kernel choice, allocator, NCCL buckets: paid once a process, on one GPU as "
+                        "on N) is a small part of the stage, as in a pretraining of hours")
     p.add_argument("--pretrain-compile", type=lambda text: {"true": True, "false": False}.get(text, text),
                    default="auto", choices=["auto", True, False],
                    help="backbone.pretrain.compile: auto (default), true (each N runs once to fill the compile "
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.work = args.work.resolve()  # the stages and the study run with other working folders: absolute paths
     if args.quick:
         args.device, args.skip_study = "cpu", True
+    args.pretrain_epochs = args.pretrain_epochs or (3 if args.quick else 12)
     import torch
 
     from promptcil.runtime import resolve_device
