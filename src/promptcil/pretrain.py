@@ -50,8 +50,8 @@ def random_shift(images: torch.Tensor, max_shift: int, offsets: tuple[int, int])
 class Pretrained:
     """A pretraining's frozen backbone and what its record reports: per-epoch losses and seconds (the first
     epoch carries the warm-up: DDP's bucket rebuild, every kernel's first call, a compilation), whether the
-    forward was compiled (backbone.pretrain.compile) and, if so, how AOTAutograd's cache served its graphs
-    (`aot_cache_counts`: a warm cache's run is all hits)."""
+    forward was compiled (backbone.pretrain.compile) and, if so, how AOTAutograd's cache served this process's
+    graphs (`aot_cache_counts`: a warm cache's run is all hits; the stage records rank 0's)."""
 
     model: VisionTransformer
     epoch_losses: list[float]
@@ -79,8 +79,8 @@ def training_forward(model: torch.nn.Module, device: torch.device, ranks: Ranks,
 def one_graph_under_ddp() -> contextlib.AbstractContextManager:
     """While a compiled forward runs inside DDP, compile it as one graph (Dynamo's DDPOptimizer off). The split it
     would make at DDP's gradient buckets lets their all-reduces overlap the backward, but AOTAutograd's cache
-    refuses split graphs ("fakify_first_call"), so every run would trace and partition each part again (~30 s of
-    ViT-B on two H200s, docs/scaling.md)."""
+    refuses split graphs ("fakify_first_call"), so every run would trace and partition each part again: ViT-B's
+    13 parts cost ~21 s a run on two H200s, and the stage's later epochs ran no faster split (docs/scaling.md)."""
     return torch._dynamo.config.patch(optimize_ddp=False)
 
 
