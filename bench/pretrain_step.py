@@ -17,7 +17,6 @@ own `training_forward`.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -43,7 +42,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     from promptcil.config.sections import BackboneConfig
     from promptcil.data import DevicePreprocess
     from promptcil.distributed import Ranks
-    from promptcil.pretrain import one_graph_under_ddp, pretraining_step, training_forward
+    from promptcil.pretrain import pretraining_step, training_forward
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and not args.quick
@@ -85,8 +84,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 torch.cuda.synchronize()
             return time.perf_counter() - started
 
-        with contextlib.nullcontext() if variant == "compiled_split" else one_graph_under_ddp():  # as the stage
-            warmup_s = steps(args.warmup, forward, optimizer)
+        warmup_s = steps(args.warmup, forward, optimizer)
         if world > 1:
             dist.barrier()
         seconds = steps(args.steps, forward, optimizer)

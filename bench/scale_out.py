@@ -91,6 +91,19 @@ def stage_record(root: Path, stage: str) -> tuple[int, float]:
     return sum(r["test_samples_per_rank"]), r["seconds"]
 
 
+def measured(root: Path, stage: str, wall: float) -> dict[str, Any]:
+    """A stage run's row from its record; pretraining's also with its epochs' seconds, the compile cache's outcome
+    and the rate after the first epoch (set-up, first kernel calls, compilation): a long pretraining's rate."""
+    images, seconds = stage_record(root, stage)
+    row = {"images": images, "seconds": seconds, "images_per_s": images / seconds, "wall_s": wall}
+    if stage == "pretrain":
+        r = json.loads((root / "outputs/backbone/backbone.json").read_text())
+        later = r["epoch_seconds"][1:]
+        row |= {"epoch_seconds": r["epoch_seconds"], "compile_cache": r["compile_cache"],
+                "later_epochs_images_per_s": r["train_images"] * len(later) / sum(later) if later else None}
+    return row
+
+
 def bench_stages(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str, Any]]:
     root = args.work / "stages"
     shutil.rmtree(root, ignore_errors=True)
@@ -107,24 +120,14 @@ def bench_stages(args: argparse.Namespace, env: dict[str, str]) -> list[dict[str
         row: dict[str, Any] = {"stage": stage}
         for nproc in (1, args.nproc):
             write_params(root, stage_params(args, nproc))
+            command = [*python, f"stages.{stage}", "--root", str(root), "--no-progress"]
             if stage == "pretrain" and args.pretrain_compile is True:  # a run that fills the compile cache first
-                cold = run([*python, f"stages.{stage}", "--root", str(root), "--no-progress"], env)
-                images, seconds = stage_record(root, stage)
-                r = json.loads((root / "outputs/backbone/backbone.json").read_text())
-                row[f"n{nproc}_cold_cache"] = {"images_per_s": images / seconds, "wall_s": cold,
-                                               "epoch_seconds": r["epoch_seconds"], "compile_cache": r["compile_cache"]}
-            wall = run([*python, f"stages.{stage}", "--root", str(root), "--no-progress"], env)
-            images, seconds = stage_record(root, stage)
-            row[f"n{nproc}"] = {"images": images, "seconds": seconds, "images_per_s": images / seconds, "wall_s": wall}
-            if stage == "pretrain":  # after the first epoch (set-up, first kernel calls): a long pretraining's rate
-                r = json.loads((root / "outputs/backbone/backbone.json").read_text())
-                later = r["epoch_seconds"][1:]
-                row[f"n{nproc}"] |= {"epoch_seconds": r["epoch_seconds"], "compile_cache": r["compile_cache"]}
-                row[f"n{nproc}"]["later_epochs_images_per_s"] = r["train_images"] * len(later) / sum(later) \
-                    if later else None
-            epochs = row[f"n{nproc}"].get("epoch_seconds")
-            print(f"{stage} on {nproc}: {images} images in {seconds:.1f} s ({images / seconds:,.0f}/s), "
-                  f"wall {wall:.1f} s" + (f", epochs {[round(e, 1) for e in epochs]}" if epochs else ""), flush=True)
+                row[f"n{nproc}_cold_cache"] = measured(root, stage, run(command, env))
+            row[f"n{nproc}"] = timed = measured(root, stage, run(command, env))
+            epochs = timed.get("epoch_seconds")
+            print(f"{stage} on {nproc}: {timed['images']} images in {timed['seconds']:.1f} s "
+                  f"({timed['images_per_s']:,.0f}/s), wall {timed['wall_s']:.1f} s"
+                  + (f", epochs {[round(e, 1) for e in epochs]}" if epochs else ""), flush=True)
         row["speedup"] = row[f"n{args.nproc}"]["images_per_s"] / row["n1"]["images_per_s"]
         if row["n1"].get("later_epochs_images_per_s"):
             row["later_epochs_speedup"] = (row[f"n{args.nproc}"]["later_epochs_images_per_s"]

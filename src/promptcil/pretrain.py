@@ -8,7 +8,6 @@ classes are never seen, so what the prompts add on them is measurable.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -63,7 +62,7 @@ class Pretrained:
 def training_forward(model: torch.nn.Module, device: torch.device, ranks: Ranks, *, compiled: bool) -> torch.nn.Module:
     """What a pretraining step calls: the model, compiled if asked (its cache: `compile_cache`), in DDP under
     torchrun. Compiled inside DDP, so that Dynamo traces none of DDP's Python and one process compiles the same
-    graph; compile it as one graph there (`one_graph_under_ddp`)."""
+    graph, and as one graph there (`OneGraphUnderDDP`)."""
     forward = model
     if compiled:
         compile_cache()
@@ -71,17 +70,26 @@ def training_forward(model: torch.nn.Module, device: torch.device, ranks: Ranks,
     if ranks.distributed:  # gradient_as_bucket_view: gradients are views into DDP's all-reduce buckets, not copies
         # timm's class token gets a strided gradient (a 1 x D view): harmless, DDP warns
         warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-        forward = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None,
+        forward = DistributedDataParallel(OneGraphUnderDDP(forward) if compiled else forward,
+                                          device_ids=[device.index] if device.type == "cuda" else None,
                                           gradient_as_bucket_view=True)
     return forward
 
 
-def one_graph_under_ddp() -> contextlib.AbstractContextManager:
-    """While a compiled forward runs inside DDP, compile it as one graph (Dynamo's DDPOptimizer off). The split it
-    would make at DDP's gradient buckets lets their all-reduces overlap the backward, but AOTAutograd's cache
-    refuses split graphs ("fakify_first_call"), so every run would trace and partition each part again: ViT-B's
-    13 parts cost ~21 s a run on two H200s, and the stage's later epochs ran no faster split (docs/scaling.md)."""
-    return torch._dynamo.config.patch(optimize_ddp=False)
+class OneGraphUnderDDP(torch.nn.Module):
+    """A compiled module that compiles as one graph when DDP calls it: Dynamo's DDPOptimizer is off while it runs,
+    which is when Dynamo compiles (and would compile again). The split the optimizer makes at DDP's gradient
+    buckets lets their all-reduces overlap the backward, but AOTAutograd's cache refuses split graphs
+    ("fakify_first_call"), so every run would trace and partition each part again: ViT-B's 13 parts cost ~21 s a
+    run on two H200s, and the stage's later epochs ran no faster split (docs/scaling.md)."""
+
+    def __init__(self, compiled: torch.nn.Module) -> None:
+        super().__init__()
+        self.compiled = compiled
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        with torch._dynamo.config.patch(optimize_ddp=False):
+            return self.compiled(*args)
 
 
 def pretraining_step(
@@ -109,7 +117,7 @@ def pretrain_backbone(
 ) -> Pretrained:
     """Train a fresh ViT on `data` (labels 0..K-1) and return it frozen, with its epochs' losses and seconds.
     With `ranks` (torchrun), the model is wrapped in DistributedDataParallel (eager: bucketed all-reduces
-    overlapped with the backward pass; compiled: after it, see `one_graph_under_ddp`) and each rank trains on its
+    overlapped with the backward pass; compiled: after it, see `OneGraphUnderDDP`) and each rank trains on its
     shard of every batch: its loss is its rows' summed loss over the global batch's size, times the world size
     that DDP's average divides by, so the step is the one-process step up to the order of float additions (an
     empty shard adds zero)."""
@@ -133,9 +141,8 @@ def pretrain_backbone(
     seconds: list[float] = []
     cache_before = aot_cache_counts()
     started = time.perf_counter()
-    with one_graph_under_ddp(), Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-                                          TimeElapsedColumn(), disable=not (progress and ranks.writer),
-                                          transient=True) as bar:
+    with Progress(TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  disable=not (progress and ranks.writer), transient=True) as bar:
         bar_id = bar.add_task("pretrain", total=steps)
         for epoch in range(p.epochs):
             model.train()
